@@ -1,0 +1,18 @@
+// Host-side entry points of the kernels, implemented twice: by nvcc launchers (csrc/*.cu, module _C)
+// and by the CPU emulation (csrc/cpu_emulation/*.cpp, module _C_cpu). No CUDA or torch headers here, so
+// python/bindings.cpp compiles with the plain host compiler for both modules.
+#pragma once
+
+#include <cstdint>
+
+#include "dit_kernels/params.h"
+
+namespace dk {
+
+// Number of CUDA devices; throws std::runtime_error naming the CUDA error when there is no usable driver.
+int device_count();
+
+// Runs norm_modulate_kernel for p on the given stream (a cudaStream_t as an integer; ignored on CPU).
+void launch_norm_modulate(DType dtype, const NormModulateParams& p, std::uintptr_t stream);
+
+}  // namespace dk
