@@ -151,6 +151,7 @@ def report() -> dict[str, Availability]:
     return {a.name: a for a in (check() for check in checks)}
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it at trace time and bakes the answer in
 def resolve(backend: str | None, device: torch.device) -> str:
     """The concrete backend to run for tensors on ``device``; RuntimeError if the asked one cannot run."""
     if backend is None or backend == "auto":

@@ -9,7 +9,8 @@
 //   - __syncthreads(): a barrier over all threads of the block;
 //   - __shfl_sync / __shfl_xor_sync / __shfl_up_sync / __shfl_down_sync / __syncwarp: through a per-warp
 //     exchange buffer and a per-warp barrier (warps are 32 consecutive linear thread ids; a partial last
-//     warp counts only its real threads);
+//     warp counts only its real threads). Each lane writes its value, waits at the warp barrier, reads its
+//     partner; the buffer is double-buffered by barrier generation, which stands in for the second barrier;
 //   - dynamic shared memory: one zeroed, 16-byte aligned buffer per launch (dk::emu::dynamic_smem());
 //   - atomicAdd on float / double / int / unsigned / unsigned long long (std::atomic_ref).
 // Static __shared__ arrays are plain function-local statics (DK_SHARED in portable.h): correct because
@@ -17,7 +18,8 @@
 //
 // Failure handling: a barrier that can never complete (a divergent __syncthreads or shuffle: some threads
 // returned early or wait at another barrier) is detected at once when every thread of the block is
-// waiting; a wait longer than the timeout (dk::emu::set_barrier_timeout_ms, default 20 s) fails too. In
+// waiting; a wait longer than the timeout (dk::emu::set_barrier_timeout_ms or the environment variable
+// DIT_KERNELS_EMU_BARRIER_TIMEOUT_MS, default 20 s; a slow or looping thread) fails too. In
 // both cases, and when a kernel thread throws, every thread is woken and leaves its kernel, all are
 // joined, and launch() throws std::runtime_error. Nothing deadlocks or calls std::terminate.
 //
@@ -25,10 +27,12 @@
 // (the mask argument is ignored); reading a lane that does not exist (past the end of a partial warp)
 // throws, where CUDA would return an undefined value.
 //
-// What it cannot emulate: tensor cores (mma/wgmma), cp.async, TMA, mbarriers, clusters, thread-block-level
-// memory ordering subtleties, races between blocks (blocks never run concurrently here), launch bounds,
-// register or shared-memory limits (other than the 1024-thread and 227 KB dynamic smem caps), and any
-// real timing. Uninitialised shared memory is zero here at first, then keeps the previous block's data.
+// What it cannot emulate: tensor cores (mma/wgmma), cp.async, TMA, mbarriers, clusters, other intrinsics
+// (__ldg, fast-math functions, ...), GPU memory-model subtleties (all threads here see sequentially
+// consistent memory at barriers), races between blocks (blocks never run concurrently here), launch
+// bounds, register or shared-memory limits (other than the 1024-thread and 227 KB dynamic smem caps),
+// and any real timing. Shared memory is zero at first here, then keeps the previous block's data.
+// Races inside a block are real races between std::threads: build with -fsanitize=thread to find them.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -40,6 +44,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -68,10 +73,22 @@ constexpr std::size_t kMaxDynamicSmemBytes = 227 * 1024;  // sm_90 opt-in maximu
 
 namespace detail {
 
-inline std::atomic<unsigned> g_timeout_ms{20000};
+// Default barrier timeout: 20 s, or DIT_KERNELS_EMU_BARRIER_TIMEOUT_MS from the environment.
+inline unsigned initial_timeout_ms() {
+  const char* env = std::getenv("DIT_KERNELS_EMU_BARRIER_TIMEOUT_MS");
+  char* end = nullptr;
+  const unsigned long ms = env ? std::strtoul(env, &end, 10) : 0;
+  return env && end != env && *end == '\0' && ms > 0 && ms < 0xffffffffu ? unsigned(ms) : 20000u;
+}
+inline std::atomic<unsigned> g_timeout_ms{initial_timeout_ms()};
 inline std::mutex g_launch_mutex;  // one launch at a time
 
 struct Abort {};  // internal: unwinds a kernel thread once the launch has failed (not a std::exception)
+
+// A misuse detected by the emulator inside a kernel thread (reported with its block and thread).
+struct EmulationError : std::runtime_error {
+  explicit EmulationError(const std::string& what) : std::runtime_error("dit_kernels CPU emulation: " + what) {}
+};
 
 enum Kind { kSync = 0, kWarp = 1, kBlockEnd = 2 };
 
@@ -107,13 +124,14 @@ struct Launch {
 inline thread_local Launch* t_launch = nullptr;
 inline thread_local unsigned t_linear_tid = 0;
 
+inline std::string str(dim3 d) {
+  return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+}
+
 inline std::string block_name(const Launch& L) {
   const dim3 b = blockIdx;
   const unsigned long long linear = b.x + (unsigned long long)L.grid.x * (b.y + (unsigned long long)L.grid.y * b.z);
-  std::string s = "block " + std::to_string(linear);
-  if (L.grid.y > 1 || L.grid.z > 1)
-    s += " (" + std::to_string(b.x) + ", " + std::to_string(b.y) + ", " + std::to_string(b.z) + ")";
-  return s;
+  return "block " + std::to_string(linear) + (L.grid.y > 1 || L.grid.z > 1 ? " " + str(b) : std::string());
 }
 
 inline std::string waiting_summary(const Launch& L) {
@@ -165,21 +183,23 @@ inline void arrive_and_wait(Launch& L, Barrier& b, std::unique_lock<std::mutex>&
 }
 
 inline Launch& current(const char* what) {
-  if (!t_launch) throw std::logic_error(std::string("dit_kernels CPU emulation: ") + what + " called outside dk::emu::launch");
+  if (!t_launch)
+    throw std::logic_error(std::string("dit_kernels CPU emulation: ") + what + " called outside dk::emu::launch");
   return *t_launch;
 }
 
 // Every lane of the calling warp stores v, then each reads the value of lane src (within its warp).
 template <class T>
 T warp_exchange(T v, unsigned src, const char* what) {
-  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "warp shuffles move trivially copyable values of <= 8 bytes");
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8,
+                "warp shuffles move trivially copyable values of <= 8 bytes");
   Launch& L = current(what);
   const unsigned warp = t_linear_tid / 32, lane = t_linear_tid % 32;
   Warp& W = L.warps[warp];
   if (src >= W.barrier.expected)
-    throw std::runtime_error(std::string("dit_kernels CPU emulation: ") + what + " in lane " + std::to_string(lane) +
-                             " reads lane " + std::to_string(src) + ", which does not exist: warp " + std::to_string(warp) +
-                             " has only " + std::to_string(W.barrier.expected) + " threads (block size not a multiple of 32)");
+    throw EmulationError(std::string(what) + " in lane " + std::to_string(lane) + " reads lane " +
+                         std::to_string(src) + ", which does not exist: warp " + std::to_string(warp) + " has only " +
+                         std::to_string(W.barrier.expected) + " threads (block size not a multiple of 32)");
   std::unique_lock<std::mutex> lk(L.m);
   if (L.failed) throw Abort{};
   const unsigned buf = unsigned(W.barrier.generation & 1);
@@ -196,7 +216,7 @@ T warp_exchange(T v, unsigned src, const char* what) {
 
 inline unsigned check_width(int width) {
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
-    throw std::runtime_error("dit_kernels CPU emulation: shuffle width must be a power of two <= 32, got " + std::to_string(width));
+    throw EmulationError("shuffle width must be a power of two <= 32, got " + std::to_string(width));
   return unsigned(width);
 }
 
@@ -224,6 +244,9 @@ inline void thread_main(Launch& L, unsigned tid, Body body) {
           arrive_and_wait(L, L.block_end, lk);
         }
   } catch (const Abort&) {
+  } catch (const EmulationError& e) {
+    std::lock_guard<std::mutex> lk(L.m);
+    fail_locked(L, std::string(e.what()) + " (" + block_name(L) + ", thread " + std::to_string(tid) + ")");
   } catch (const std::exception& e) {
     std::lock_guard<std::mutex> lk(L.m);
     fail_locked(L, "dit_kernels CPU emulation: kernel threw in " + block_name(L) + ", thread " + std::to_string(tid) +
@@ -238,12 +261,13 @@ inline void thread_main(Launch& L, unsigned tid, Body body) {
 
 inline void run(dim3 grid, dim3 block, std::size_t smem_bytes, Body body) {
   const unsigned long long nthreads = (unsigned long long)block.x * block.y * block.z;
-  if (nthreads == 0 || nthreads > kMaxBlockThreads || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
-      grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535 || smem_bytes > kMaxDynamicSmemBytes)
-    throw std::runtime_error("dit_kernels CPU emulation: invalid launch configuration: grid (" + std::to_string(grid.x) +
-                             ", " + std::to_string(grid.y) + ", " + std::to_string(grid.z) + "), block (" +
-                             std::to_string(block.x) + ", " + std::to_string(block.y) + ", " + std::to_string(block.z) +
-                             "), " + std::to_string(smem_bytes) + " bytes of dynamic shared memory");
+  const bool block_ok =
+      nthreads > 0 && nthreads <= kMaxBlockThreads && block.x <= 1024 && block.y <= 1024 && block.z <= 64;
+  const bool grid_ok =
+      grid.x > 0 && grid.y > 0 && grid.z > 0 && grid.x <= 0x7fffffffu && grid.y <= 65535 && grid.z <= 65535;
+  if (!block_ok || !grid_ok || smem_bytes > kMaxDynamicSmemBytes)
+    throw std::runtime_error("dit_kernels CPU emulation: invalid launch configuration: grid " + str(grid) + ", block " +
+                             str(block) + ", " + std::to_string(smem_bytes) + " bytes of dynamic shared memory");
   if (t_launch) throw std::logic_error("dit_kernels CPU emulation: launch from inside a kernel is not supported");
 
   std::lock_guard<std::mutex> one_at_a_time(g_launch_mutex);
@@ -253,7 +277,8 @@ inline void run(dim3 grid, dim3 block, std::size_t smem_bytes, Body body) {
   L.nthreads = unsigned(nthreads);
   L.timeout = std::chrono::milliseconds(g_timeout_ms.load());
   L.smem_storage.assign(smem_bytes / 8 + 3, 0);  // zeroed; +2 words of slack for the alignment below
-  L.smem = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(L.smem_storage.data()) + 15) & ~std::uintptr_t(15));
+  const std::uintptr_t storage = reinterpret_cast<std::uintptr_t>(L.smem_storage.data());
+  L.smem = reinterpret_cast<unsigned char*>((storage + 15) & ~std::uintptr_t(15));
   L.sync.expected = L.block_end.expected = L.nthreads;
   L.sync.kind = kSync;
   L.block_end.kind = kBlockEnd;
@@ -279,7 +304,8 @@ inline void run(dim3 grid, dim3 block, std::size_t smem_bytes, Body body) {
 
 }  // namespace detail
 
-// Timeout of one barrier wait (all kinds), for launches started after the call. Default 20000 ms.
+// Timeout of one barrier wait (all kinds), for launches started after the call. Default 20000 ms, or the
+// environment variable DIT_KERNELS_EMU_BARRIER_TIMEOUT_MS.
 inline void set_barrier_timeout_ms(unsigned ms) { detail::g_timeout_ms.store(ms); }
 inline unsigned barrier_timeout_ms() { return detail::g_timeout_ms.load(); }
 

@@ -117,7 +117,7 @@ DK_GLOBAL void rotate_kernel(const T* in, T* out, unsigned* zero_and_aligned) {
 }
 
 // (c) partial warp: blockDim 48 (warp 0 full, warp 1 has 16 lanes). Xor shuffles within 16 lanes,
-// shfl_sync broadcast from lane 3, shfl_down within width 16, and a block barrier.
+// shfl_sync broadcast from lane 3, shfl_down within width 16, __syncwarp and a block barrier.
 DK_GLOBAL void partial_warp_kernel(int* out) {
   DK_SHARED int total;
   const int t = int(threadIdx.x);
@@ -125,6 +125,7 @@ DK_GLOBAL void partial_warp_kernel(int* out) {
   for (int offset = 8; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);  // sum of 16-lane group
   const int from3 = __shfl_sync(0xffffffffu, t * 10, 3);
   const int down = __shfl_down_sync(0xffffffffu, t, 4, 16);
+  __syncwarp();
   if (t == 0) total = 0;
   __syncthreads();
   atomicAdd(&total, 1);
@@ -213,7 +214,8 @@ void test_dynamic_smem_for() {
   std::vector<T> in(grid * block), out(grid * block, T(-1));
   for (unsigned i = 0; i < grid * block; ++i) in[i] = T(i * 3 + 1);
   std::vector<unsigned> fresh(block, 0);
-  dk::emu::launch(dim3(grid), dim3(block), 2 * block * sizeof(T), rotate_kernel<T>, in.data(), out.data(), fresh.data());
+  dk::emu::launch(dim3(grid), dim3(block), 2 * block * sizeof(T), rotate_kernel<T>, in.data(), out.data(),
+                  fresh.data());
   bool ok = true, fresh_ok = true;
   for (unsigned b = 0; b < grid; ++b)
     for (unsigned t = 0; t < block; ++t) ok = ok && out[b * block + t] == in[b * block + (t + 1) % block];
