@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dit_kernels import backends
-from dit_kernels.bench.ops import H100_HBM_BYTES_PER_S, cases
+from dit_kernels.bench.ops import cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16
@@ -17,36 +17,18 @@ PATHS = ["eager", "triton", "cuda"] if DEVICE.type == "cuda" else ["eager", "tor
 CASES = cases() if DEVICE.type == "cuda" else cases(["DiT-XL/2 256px", "FLUX.1 1024px"])
 
 
-def _synchronized(fn):
-    if DEVICE.type != "cuda":
-        return fn
-
-    def run():
-        result = fn()
-        torch.cuda.synchronize()
-        return result
-
-    return run
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.name}-{c.model.replace(' ', '_')}")
-def test_norm_modulate(benchmark, case, path):
+def test_norm_modulate(benchmark, timed, case, path):
     if path != "eager" and not _available(path):
         pytest.skip(f"{path} backend unavailable here")
     tensors = case.inputs(DTYPE, DEVICE)
     fn = (lambda: case.eager(**tensors)) if path == "eager" else (lambda: case.fused(**tensors, backend=path))
     fn()  # warm-up: compiles Triton kernels before timing
     benchmark.group = f"{case.name} {case.model} {'x'.join(map(str, case.shape))}"
-    benchmark.extra_info["device"] = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    benchmark.pedantic(_synchronized(fn), rounds=50 if DEVICE.type == "cuda" else 5, warmup_rounds=2)
+    seconds = timed(fn, gpu_rounds=50, cpu_rounds=5)
     if DEVICE.type == "cuda" and path != "eager":
-        seconds = benchmark.stats.stats.median
-        moved = case.min_bytes(DTYPE)
-        benchmark.extra_info["GB/s"] = moved / seconds / 1e9
-        benchmark.extra_info["floor_us"] = moved / H100_HBM_BYTES_PER_S * 1e6
-        print(f"\n{benchmark.group} [{path}]: {moved / seconds / 1e9:.0f} GB/s, "
-              f"{seconds * 1e6:.1f} us vs {moved / H100_HBM_BYTES_PER_S * 1e6:.1f} us floor at 3.35 TB/s")
+        timed.report_bandwidth(f"{benchmark.group} [{path}]", case.min_bytes(DTYPE), seconds)
 
 
 def _available(path: str) -> bool:

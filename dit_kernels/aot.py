@@ -106,6 +106,12 @@ class AotSpec:
     num_stages: int = 3
     divisible_by_16: tuple | None = None
 
+    @classmethod
+    def build(cls, name, kernel, runtime_signature, constexprs, **launch):
+        """Spec whose signature is ``runtime_signature`` followed by every key of ``constexprs``."""
+        signature = runtime_signature | {key: "constexpr" for key in constexprs}
+        return cls(name=name, kernel=kernel, signature=signature, constexprs=constexprs, **launch)
+
 
 @dataclass(frozen=True)
 class FitResult:

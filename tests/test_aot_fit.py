@@ -10,7 +10,11 @@ import pytest
 from dit_kernels import aot, backends
 from dit_kernels.ops import all_aot_specs, norm_modulate
 
-CUDA_KERNELS_PER_ARCH = 6  # norm_modulate_kernel<{float, half, bf16}, {32, 256}>
+# Instantiations of each CUDA kernel built into _C, per architecture.
+CUDA_KERNELS_PER_ARCH = {
+    "norm_modulate_kernel": 6,  # <{float, half, bf16}, {32, 256}>
+    "qk_norm_rope_kernel": 3,  # <{float, half, bf16}>
+}
 
 
 def test_every_triton_config_is_covered():
@@ -36,8 +40,9 @@ def test_all_kernels_fit_sm80_and_sm90(tmp_path):
     if so_files:
         for arch in ("sm_80", "sm_90a"):
             kernels = {r["name"] for r in cuda_rows if r["arch"] == arch}
-            assert len(kernels) >= CUDA_KERNELS_PER_ARCH, f"{arch}: {sorted(kernels)}"
-            assert sum("norm_modulate_kernel" in k for k in kernels) == CUDA_KERNELS_PER_ARCH
+            assert len(kernels) >= sum(CUDA_KERNELS_PER_ARCH.values()), f"{arch}: {sorted(kernels)}"
+            for kernel, count in CUDA_KERNELS_PER_ARCH.items():
+                assert sum(kernel in k for k in kernels) == count, f"{arch} {kernel}: {sorted(kernels)}"
 
 
 def test_native_module_was_built_when_nvcc_was_present():

@@ -4,6 +4,7 @@
 #include "dit_kernels/dtype_dispatch.cuh"
 #include "dit_kernels/launch.h"
 #include "dit_kernels/norm_modulate.cuh"
+#include "dit_kernels/qk_norm_rope.cuh"
 
 namespace dk {
 
@@ -18,6 +19,15 @@ void launch_norm_modulate(DType dtype, const NormModulateParams& p, std::uintptr
     using T = typename decltype(tag)::type;
     auto kernel = shape.team == 32 ? norm_modulate_kernel<T, 32> : norm_modulate_kernel<T, kNormModulateBlock>;
     emu::launch(dim3(unsigned(shape.grid)), dim3(kNormModulateBlock), shape.dynamic_smem, kernel, p);
+  });
+}
+
+void launch_qk_norm_rope(DType dtype, const QkNormRopeParams& p, std::uintptr_t) {
+  const int64_t grid = qk_norm_rope_grid(p, kEmulatedMaxGrid);  // kEmulatedMaxGrid x n_slots blocks
+  if (grid == 0) return;
+  with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    emu::launch(dim3(unsigned(grid), unsigned(p.n_slots)), dim3(kQkNormRopeBlock), 0, qk_norm_rope_kernel<T>, p);
   });
 }
 

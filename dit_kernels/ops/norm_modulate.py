@@ -441,12 +441,12 @@ def aot_specs():
         for config in triton_configs():
             constexprs = {flag: True for flag in flags} | {"BLOCK_M": config.block_m, "BLOCK_D": config.block_d}
             specs.append(
-                AotSpec(
-                    name=f"norm_modulate[{dtype},BLOCK_M={config.block_m},BLOCK_D={config.block_d},"
+                AotSpec.build(
+                    f"norm_modulate[{dtype},BLOCK_M={config.block_m},BLOCK_D={config.block_d},"
                     f"warps={config.num_warps}]",
-                    kernel=_norm_modulate_kernel,
-                    signature=signature | {key: "constexpr" for key in constexprs},
-                    constexprs=constexprs,
+                    _norm_modulate_kernel,
+                    signature,
+                    constexprs,
                     num_warps=config.num_warps,
                 )
             )

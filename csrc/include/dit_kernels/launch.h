@@ -15,4 +15,7 @@ int device_count();
 // Runs norm_modulate_kernel for p on the given stream (a cudaStream_t as an integer; ignored on CPU).
 void launch_norm_modulate(DType dtype, const NormModulateParams& p, std::uintptr_t stream);
 
+// Runs qk_norm_rope_kernel for p (one launch for all p.n_slots slots) on the given stream.
+void launch_qk_norm_rope(DType dtype, const QkNormRopeParams& p, std::uintptr_t stream);
+
 }  // namespace dk

@@ -36,4 +36,35 @@ struct NormModulateParams {
   bool normalize;
 };
 
+// One tensor of a qk_norm_rope launch: source [B, S, H, Dh] -> dest (same shape; already the view at the
+// joint-buffer rows). Strides in elements, unit last stride on both. src == nullptr: the slot is absent.
+struct QkNormRopeSlot {
+  const void* src;
+  int64_t src_sb, src_ss, src_sh;
+  int64_t seq_len;      // S of this slot (q and k may differ)
+  void* dst;
+  int64_t dst_sb, dst_ss, dst_sh;
+  const void* weight;   // [Dh] in T or nullptr (read only when normalize)
+  const void* bias;     // [Dh] in T or nullptr (read only when normalize)
+  bool normalize;       // apply the launch's norm to this slot
+  bool rotate;          // apply RoPE to this slot
+};
+
+constexpr int kQkNormRopeMaxSlots = 3;  // q, k, v
+constexpr int64_t kQkNormRopeMaxHeadDim = 512;  // checked by the binding (and first by the Python side)
+
+struct QkNormRopeParams {
+  QkNormRopeSlot slot[kQkNormRopeMaxSlots];  // blockIdx.y picks one
+  int n_slots;          // 2 (q, k) or 3 (q, k, v)
+  int64_t batch;
+  int64_t heads;
+  int64_t head_dim;     // Dh, even when any slot rotates
+  int norm;             // 0 none, 1 rms, 2 layer
+  float eps;
+  const float* cos;     // [S_table, Dh] fp32 contiguous, row rope_offset + s; nullptr when nothing rotates
+  const float* sin;
+  int64_t rope_offset;
+  bool rope_half;       // false: interleaved pairs (x0, x1) -> (-x1, x0); true: halves (a, b) -> (-b, a)
+};
+
 }  // namespace dk

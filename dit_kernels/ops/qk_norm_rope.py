@@ -1,0 +1,503 @@
+"""Per-head QK normalisation fused with rotary embeddings, written straight into a joint buffer.
+
+Shapes: q [B, Sq, H, Dh], k and v [B, Sk, H, Dh] (Sq may differ from Sk), any strides with a unit last
+stride (views of a fused QKV projection are read in place). Per tensor, all in fp32, one rounding::
+
+    normed = rms:   x * rsqrt(mean(x^2) + eps) * weight (+ bias)           over Dh, per head
+             layer: (x - mean) * rsqrt(var + eps) * weight + bias
+             None:  x
+    out    = normed * cos[r] + rotate(normed) * sin[r],   r = seq_offset + s   (when RoPE applies)
+
+``rotate`` is diffusers' ``apply_rotary_emb(use_real=True)``: "interleaved" (``use_real_unbind_dim=-1``,
+FLUX and HunyuanDiT) maps pairs (x0, x1) -> (-x1, x0); "half" (``-2``) maps halves (a, b) -> (-b, a).
+cos/sin: [S_table, Dh] real tables (fp32). V is copied unchanged. With ``out_q``/``out_k``/``out_v``
+([B, S_total, H, Dh]) the results land at rows ``seq_offset ...`` of those buffers: that is how the
+text and image streams of SD3 ([image, text]) and FLUX ([text, image]) meet in one joint attention
+buffer without ``torch.cat``. One launch handles q, k and v.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dit_kernels import backends
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is a Linux dependency; without it only the torch and CUDA backends exist
+    triton = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NORMS = {None: 0, "rms": 1, "layer": 2}
+ROPE_LAYOUTS = ("interleaved", "half")
+MAX_HEAD_DIM = 512
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor of the launch: ``source`` [B, S, H, Dh] -> ``dest`` (same shape, possibly a view into a
+    joint buffer); ``normalize``/``rotate`` say what applies; weight/bias [Dh] or None."""
+
+    source: Tensor
+    dest: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    normalize: bool
+    rotate: bool
+
+
+# ----------------------------------------------------------------------------------------- reference
+
+
+def rotate_pairs(x: Tensor, rope: str) -> Tensor:
+    """diffusers' ``x_rotated``: interleaved (x0, x1) -> (-x1, x0); half (a, b) -> (-b, a)."""
+    if rope == "interleaved":
+        x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((-x1, x0), dim=-1).flatten(-2)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def _reference_slot(slot: Slot, norm: Optional[str], eps: float, cos, sin, rope: str, seq_offset: int) -> None:
+    x = slot.source.float()
+    weight, bias = (None if t is None else t.float() for t in (slot.weight, slot.bias))
+    if slot.normalize and norm == "layer":
+        x = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    elif slot.normalize and norm == "rms":
+        x = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+        x = x if weight is None else x * weight
+        x = x if bias is None else x + bias
+    if slot.rotate:
+        rows = slice(seq_offset, seq_offset + x.shape[1])
+        c, s = (t[rows].float()[None, :, None, :] for t in (cos, sin))
+        x = x * c + rotate_pairs(x, rope) * s
+    slot.dest.copy_(x)
+
+
+def _run_reference(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+    for slot in slots:
+        _reference_slot(slot, norm, eps, cos, sin, rope, seq_offset)
+
+
+# ------------------------------------------------------------------------------------------ Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _slot_rows(
+        pid, x_ptr, x_sb, x_ss, x_sh, o_ptr, o_sb, o_ss, o_sh, w_ptr, b_ptr, cos_ptr, sin_ptr,
+        batch, seq_len, heads, dim, rope_offset, eps,
+        NORM: tl.constexpr, ROTATE: tl.constexpr, HALF: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """BLOCK_R rows (b, s, h) of one tensor; each row is one head vector of Dh values."""
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = rows < batch * seq_len * heads
+        col_ok = cols < dim
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows = rows.to(tl.int64)
+        h = rows % heads
+        s = (rows // heads) % seq_len
+        b = rows // (heads * seq_len)
+        x_row = (b * x_sb + s * x_ss + h * x_sh)[:, None]
+        x = tl.load(x_ptr + x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ROTATE:
+            if HALF:
+                partner = tl.where(cols < dim // 2, cols + dim // 2, cols - dim // 2)
+                sign = tl.where(cols < dim // 2, -1.0, 1.0)
+            else:
+                partner = cols ^ 1
+                sign = tl.where(cols % 2 == 0, -1.0, 1.0)
+            xp = tl.load(x_ptr + x_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NORM == 1:
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / dim + eps)
+            x = x * rstd[:, None]
+            if ROTATE:
+                xp = xp * rstd[:, None]
+        if NORM == 2:
+            mean = tl.sum(x, axis=1) / dim
+            centred = tl.where(mask, x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / dim + eps)
+            x = centred * rstd[:, None]
+            if ROTATE:
+                xp = (xp - mean[:, None]) * rstd[:, None]
+        if HAS_W:
+            x = x * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if ROTATE:
+                xp = xp * tl.load(w_ptr + partner, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            x = x + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if ROTATE:
+                xp = xp + tl.load(b_ptr + partner, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if ROTATE:
+            table = ((rope_offset + s) * dim)[:, None] + cols[None, :]
+            c = tl.load(cos_ptr + table, mask=mask, other=0.0)
+            sn = tl.load(sin_ptr + table, mask=mask, other=0.0)
+            x = x * c + sign[None, :] * xp * sn
+        o_row = (b * o_sb + s * o_ss + h * o_sh)[:, None]
+        tl.store(o_ptr + o_row + cols[None, :], x.to(o_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _qk_norm_rope_kernel(
+        q_ptr, q_sb, q_ss, q_sh, qo_ptr, qo_sb, qo_ss, qo_sh, qw_ptr, qb_ptr, q_len,
+        k_ptr, k_sb, k_ss, k_sh, ko_ptr, ko_sb, ko_ss, ko_sh, kw_ptr, kb_ptr, k_len,
+        v_ptr, v_sb, v_ss, v_sh, vo_ptr, vo_sb, vo_ss, vo_sh,
+        cos_ptr, sin_ptr, batch, heads, dim, rope_offset, eps,
+        NORM_Q: tl.constexpr, ROTATE_Q: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr,
+        NORM_K: tl.constexpr, ROTATE_K: tl.constexpr, HAS_KW: tl.constexpr, HAS_KB: tl.constexpr,
+        HAS_V: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """Grid (row tiles, 2 or 3): axis 1 picks q, k or v, so one launch serves all three."""
+        pid = tl.program_id(0)
+        which = tl.program_id(1)
+        if which == 0:
+            _slot_rows(pid, q_ptr, q_sb, q_ss, q_sh, qo_ptr, qo_sb, qo_ss, qo_sh, qw_ptr, qb_ptr, cos_ptr, sin_ptr,
+                       batch, q_len, heads, dim, rope_offset, eps,
+                       NORM_Q, ROTATE_Q, HALF, HAS_QW, HAS_QB, BLOCK_R, BLOCK_D)  # fmt: skip
+        elif which == 1:
+            _slot_rows(pid, k_ptr, k_sb, k_ss, k_sh, ko_ptr, ko_sb, ko_ss, ko_sh, kw_ptr, kb_ptr, cos_ptr, sin_ptr,
+                       batch, k_len, heads, dim, rope_offset, eps,
+                       NORM_K, ROTATE_K, HALF, HAS_KW, HAS_KB, BLOCK_R, BLOCK_D)  # fmt: skip
+        elif HAS_V:
+            _slot_rows(pid, v_ptr, v_sb, v_ss, v_sh, vo_ptr, vo_sb, vo_ss, vo_sh, v_ptr, v_ptr, v_ptr, v_ptr,
+                       batch, k_len, heads, dim, 0, eps,
+                       0, False, HALF, False, False, BLOCK_R, BLOCK_D)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """Rows per program and warps for one head dim; every value the rule yields is in triton_configs()."""
+
+    block_r: int
+    block_d: int
+    num_warps: int
+
+
+def triton_config(head_dim: int) -> TritonConfig:
+    """~2048-element tiles at 8 fp32 values per thread (a RoPE tile of 64 rows x 128 at 4 warps spills)."""
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"qk_norm_rope takes head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    block_r = max(1, 2048 // block_d)
+    return TritonConfig(block_r, block_d, block_r * block_d // 256)
+
+
+def triton_configs() -> list[TritonConfig]:
+    return sorted({triton_config(1 << p) for p in range(MAX_HEAD_DIM.bit_length())}, key=lambda c: c.block_d)
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _run_triton(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+    from torch.library import wrap_triton
+
+    q, k, *rest = slots
+    v = rest[0] if rest else None
+    batch, _, heads, dim = q.source.shape
+    config = triton_config(dim)
+    rows = max(slot.source.shape[1] for slot in slots) * batch * heads
+    table = q.source if cos is None else cos
+    tables = (table, table if sin is None else sin)
+    vs = (v.source, *_strides(v.source), v.dest, *_strides(v.dest)) if v else (q.source, 0, 0, 0, q.dest, 0, 0, 0)
+    wrap_triton(_qk_norm_rope_kernel)[(triton.cdiv(rows, config.block_r), len(slots))](
+        *_triton_slot(q), q.source.shape[1], *_triton_slot(k), k.source.shape[1], *vs,
+        *tables, batch, heads, dim, seq_offset, eps,
+        NORM_Q=NORMS[norm] if q.normalize else 0, ROTATE_Q=q.rotate, HAS_QW=q.weight is not None,
+        HAS_QB=q.bias is not None, NORM_K=NORMS[norm] if k.normalize else 0, ROTATE_K=k.rotate,
+        HAS_KW=k.weight is not None, HAS_KB=k.bias is not None, HAS_V=v is not None, HALF=rope == "half",
+        BLOCK_R=config.block_r, BLOCK_D=config.block_d, num_warps=config.num_warps,
+    )  # fmt: skip
+
+
+def _triton_slot(slot: Slot):
+    absent = slot.source  # a valid pointer that the slot's flags never read
+    return (
+        slot.source, *_strides(slot.source), slot.dest, *_strides(slot.dest),
+        absent if slot.weight is None else slot.weight, absent if slot.bias is None else slot.bias,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ CUDA C++ (_C, _C_cpu)
+
+MAX_CUDA_HEAD_DIM = 512  # kQkNormRopeMaxHeadDim (csrc/include/dit_kernels/params.h); the binding checks it too
+
+
+def _run_native(module, stream: int, slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+    """One launch of qk_norm_rope_kernel (csrc/include/dit_kernels/qk_norm_rope.cuh) for all slots."""
+    q, k, *rest = slots
+    batch, _, heads, dim = q.source.shape
+    if dim > MAX_CUDA_HEAD_DIM:
+        raise ValueError(f"the CUDA qk_norm_rope kernel takes head_dim <= {MAX_CUDA_HEAD_DIM}, got {dim}")
+    absent = (0,) * 11 + (False, False)
+    module.qk_norm_rope(
+        str(q.source.dtype).removeprefix("torch."), batch, heads, dim,
+        _native_slot(q), _native_slot(k), _native_slot(rest[0]) if rest else absent,
+        NORMS[norm], eps, _pointer(cos), _pointer(sin), seq_offset, rope == "half", stream,
+    )  # fmt: skip
+
+
+def _pointer(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _native_slot(slot: Slot) -> tuple:
+    """(src, strides, seq_len, dest, strides, weight, bias, normalize, rotate); weight and bias only
+    when the slot is normalised (the kernel reads them only then)."""
+    weight, bias = (slot.weight, slot.bias) if slot.normalize else (None, None)
+    return (
+        slot.source.data_ptr(), *_strides(slot.source), slot.source.shape[1],
+        slot.dest.data_ptr(), *_strides(slot.dest),
+        _pointer(weight), _pointer(bias), slot.normalize, slot.rotate,
+    )  # fmt: skip
+
+
+def _run_cuda(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+    stream = torch.cuda.current_stream(slots[0].source.device).cuda_stream
+    _run_native(backends.native_module(), stream, slots, norm, eps, cos, sin, rope, seq_offset)
+
+
+def _run_cuda_emu(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+    _run_native(backends.emulation_module(), 0, slots, norm, eps, cos, sin, rope, seq_offset)
+
+
+_RUNNERS = {"torch": _run_reference}
+if triton is not None:
+    _RUNNERS["triton"] = _run_triton
+_RUNNERS.update(cuda=_run_cuda, cuda_emu=_run_cuda_emu)
+
+
+# -------------------------------------------------------------------- custom ops (torch.compile)
+
+
+def _execute(run, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, out_q, out_k, out_v,
+             norm, rope, rope_q, rope_k, seq_offset, eps) -> list[Tensor]:  # fmt: skip
+    """Run one launch; returns the written tensors (fresh ones, or the joint-buffer views)."""
+    sources = [t for t in (q, k, v) if t is not None]
+    if out_q is None:
+        dests = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in sources]
+    else:
+        dests = [_joint_rows(o, t, seq_offset) for o, t in zip((out_q, out_k, out_v), sources)]
+    rotate = cos is not None
+    normalize = norm is not None
+    slots = [
+        Slot(q, dests[0], q_weight, q_bias, normalize, rotate and rope_q),
+        Slot(k, dests[1], k_weight, k_bias, normalize, rotate and rope_k),
+        *([Slot(v, dests[2], None, None, False, False)] if v is not None else []),
+    ]
+    run(slots, norm, eps, cos, sin, rope, seq_offset)
+    return dests
+
+
+def _joint_rows(buffer: Tensor, t: Tensor, seq_offset: int) -> Tensor:
+    """The rows of the joint buffer that ``t`` fills."""
+    return buffer[:, seq_offset : seq_offset + t.shape[1]]
+
+
+def _register_ops(suffix: str, run, register):
+    """Two custom ops per backend: a functional one (fresh outputs; an absent v gives an empty tensor)
+    and one that writes into joint buffers (a custom op may not return views of its inputs)."""
+
+    @register(f"dit_kernels::qk_norm_rope_{suffix}", mutates_args=())
+    def functional(
+        q: Tensor, k: Tensor, v: Optional[Tensor], q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+        q_bias: Optional[Tensor], k_bias: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
+        norm: Optional[str], rope: str, rope_q: bool, rope_k: bool, seq_offset: int, eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        outs = _execute(run, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, None, None, None,
+                        norm, rope, rope_q, rope_k, seq_offset, eps)  # fmt: skip
+        return outs[0], outs[1], outs[2] if v is not None else q.new_empty(0)
+
+    @register(f"dit_kernels::qk_norm_rope_into_{suffix}", mutates_args=("out_q", "out_k", "out_v"))
+    def into(
+        q: Tensor, k: Tensor, v: Optional[Tensor], q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+        q_bias: Optional[Tensor], k_bias: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
+        out_q: Tensor, out_k: Tensor, out_v: Optional[Tensor], norm: Optional[str], rope: str, rope_q: bool,
+        rope_k: bool, seq_offset: int, eps: float,
+    ) -> None:  # fmt: skip
+        _execute(run, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, out_q, out_k, out_v,
+                 norm, rope, rope_q, rope_k, seq_offset, eps)  # fmt: skip
+
+    if register is torch.library.custom_op:  # triton_op derives its fakes from the launcher itself
+
+        @functional.register_fake
+        def _(q, k, v, *_):
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v) if v is not None else q.new_empty(0)
+
+        into.register_fake(lambda *_: None)
+    return functional, into
+
+
+_CUSTOM_OPS = {}
+_CUSTOM_OPS.update(
+    {name: _register_ops(name, run, torch.library.custom_op)
+     for name, run in (("cuda", _run_cuda), ("cuda_emu", _run_cuda_emu))}
+)  # fmt: skip
+if triton is not None:
+    _CUSTOM_OPS["triton"] = _register_ops("triton", _run_triton, torch.library.triton_op)
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _validate(q, k, v, weights: dict, cos, sin, out: dict, norm, rope, seq_offset) -> None:
+    for name, t in {"q": q, "k": k}.items():
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a [B, S, H, Dh] tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"qk_norm_rope takes {[str(d) for d in SUPPORTED_DTYPES]}, got {q.dtype}")
+    batch, _, heads, dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads, dim):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, H and Dh")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+    if rope not in ROPE_LAYOUTS:
+        raise ValueError(f"rope must be one of {ROPE_LAYOUTS}, got {rope!r}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin go together")
+    if norm is None and any(w is not None for w in weights.values()):
+        raise ValueError("norm weights/biases given with norm=None")
+    for name, t in {"k": k, "v": v, **weights, **out}.items():
+        if t is not None and (t.dtype != q.dtype or t.device != q.device):
+            raise TypeError(f"{name} is {t.dtype} on {t.device}, but q is {q.dtype} on {q.device}")
+    for name, t in weights.items():
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f"{name} must have shape [{dim}], got {tuple(t.shape)}")
+    if cos is not None:
+        _validate_tables(cos, sin, q, k, seq_offset)
+    _validate_outputs(out, {"out_q": q, "out_k": k, "out_v": v}, seq_offset)
+
+
+def _validate_tables(cos, sin, q, k, seq_offset) -> None:
+    dim = q.shape[-1]
+    if dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {dim}")
+    for name, t in {"cos": cos, "sin": sin}.items():
+        if t.dim() != 2 or t.shape[1] != dim or not t.is_floating_point() or t.device != q.device:
+            raise ValueError(f"{name} must be a float [S_table, {dim}] table on {q.device}, got {t.dtype} {tuple(t.shape)}")
+    needed = seq_offset + max(q.shape[1], k.shape[1])
+    if cos.shape[0] < needed or sin.shape[0] < needed:
+        raise ValueError(f"cos/sin have {cos.shape[0]} rows; rows up to seq_offset + S = {needed} are read")
+
+
+def _validate_outputs(out: dict, sources: dict, seq_offset: int) -> None:
+    given = {name for name, t in out.items() if t is not None}
+    wanted = {name for name, t in sources.items() if t is not None}
+    if given and given != wanted:
+        raise ValueError(f"give all of {sorted(wanted)} (one joint buffer each) or none, got {sorted(given)}")
+    for name in given:
+        buffer, source = out[name], sources[name]
+        batch, seq, heads, dim = source.shape
+        if buffer.dim() != 4 or (buffer.shape[0], buffer.shape[2], buffer.shape[3]) != (batch, heads, dim):
+            raise ValueError(f"{name} must be [{batch}, S_total, {heads}, {dim}], got {tuple(buffer.shape)}")
+        if buffer.shape[1] < seq_offset + seq:
+            raise ValueError(f"{name} has {buffer.shape[1]} rows; seq_offset {seq_offset} + S {seq} do not fit")
+        if buffer.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit last stride")
+
+
+def rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """diffusers' real (cos, sin) pair as the fp32 contiguous [S_table, Dh] tables the kernels read.
+
+    No copy when they already are (FLUX's and HunyuanDiT's are); model patchers call this once per
+    transformer call and hand the result to every block, so no block converts the tables again."""
+    return cos.float().contiguous(), sin.float().contiguous()
+
+
+def _unit_last_stride(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------------------- public
+
+
+def qk_norm_rope(
+    q: Tensor,
+    k: Tensor,
+    *,
+    norm: Optional[str] = "rms",
+    q_weight: Optional[Tensor] = None,
+    k_weight: Optional[Tensor] = None,
+    q_bias: Optional[Tensor] = None,
+    k_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    cos: Optional[Tensor] = None,
+    sin: Optional[Tensor] = None,
+    rope: str = "interleaved",
+    rope_q: bool = True,
+    rope_k: bool = True,
+    out_q: Optional[Tensor] = None,
+    out_k: Optional[Tensor] = None,
+    seq_offset: int = 0,
+    v: Optional[Tensor] = None,
+    out_v: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+):
+    """Per-head norm of q and k over Dh, then RoPE (rows ``seq_offset + s`` of cos/sin), V copied along.
+
+    Returns ``(q_out, k_out)``, or ``(q_out, k_out, v_out)`` when ``v`` is given: fresh [B, S, H, Dh]
+    tensors, or, when the ``out_*`` joint buffers are given, the views of them that were written."""
+    weights = {"q_weight": q_weight, "k_weight": k_weight, "q_bias": q_bias, "k_bias": k_bias}
+    outputs = {"out_q": out_q, "out_k": out_k, "out_v": out_v}
+    _validate(q, k, v, weights, cos, sin, outputs, norm, rope, seq_offset)
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    cos, sin = (None, None) if cos is None else rope_tables(cos, sin)
+    backend = backends.resolve(backend, q.device)
+    args = (q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin)
+    flags = (norm, rope, rope_q, rope_k, seq_offset, float(eps))
+    if backend == "torch" or not torch.compiler.is_compiling():
+        return tuple(_execute(_RUNNERS[backend], *args, out_q, out_k, out_v, *flags))
+    functional, into = _CUSTOM_OPS[backend]
+    if out_q is None:
+        outs = functional(*args, *flags)
+        return outs if v is not None else outs[:2]
+    into(*args, out_q, out_k, out_v, *flags)
+    return tuple(_joint_rows(o, t, seq_offset) for o, t in ((out_q, q), (out_k, k), (out_v, v)) if t is not None)
+
+
+# ------------------------------------------------------------------------------------ AOT fit specs
+
+
+def aot_specs():
+    """Every config ``triton_config`` can pick, with every feature on (LayerNorm + weight + bias + RoPE
+    on q and k, V copied), both RoPE layouts, fp32 and bf16: compiled for sm_80 / sm_90a."""
+    from dit_kernels.aot import AotSpec
+
+    specs = []
+    for dtype, half, config in itertools.product(("fp32", "bf16"), (False, True), triton_configs()):
+        pointer = f"*{dtype}"
+        strides = ("sb", "ss", "sh")
+        signature = {}
+        for name in ("q", "k", "v"):
+            signature |= {f"{name}_ptr": pointer} | {f"{name}_{s}": "i32" for s in strides}
+            signature |= {f"{name}o_ptr": pointer} | {f"{name}o_{s}": "i32" for s in strides}
+            if name != "v":
+                signature |= {f"{name}w_ptr": pointer, f"{name}b_ptr": pointer, f"{name}_len": "i32"}
+        signature |= {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "batch": "i32", "heads": "i32", "dim": "i32"}
+        signature |= {"rope_offset": "i32", "eps": "fp32"}
+        flags = {"NORM_Q": 2, "ROTATE_Q": True, "HAS_QW": True, "HAS_QB": True}
+        flags |= {"NORM_K": 2, "ROTATE_K": True, "HAS_KW": True, "HAS_KB": True}
+        constexprs = flags | {"HAS_V": True, "HALF": half, "BLOCK_R": config.block_r, "BLOCK_D": config.block_d}
+        layout = "half" if half else "interleaved"
+        specs.append(
+            AotSpec.build(
+                f"qk_norm_rope[{dtype},{layout},BLOCK_R={config.block_r},BLOCK_D={config.block_d},"
+                f"warps={config.num_warps}]",
+                _qk_norm_rope_kernel,
+                signature,
+                constexprs,
+                num_warps=config.num_warps,
+            )
+        )
+    return specs
