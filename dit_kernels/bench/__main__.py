@@ -1,126 +1,75 @@
-"""``python -m dit_kernels.bench``: eager diffusers-style ops vs dit_kernels' fused ops, same process,
-same inputs, interleaved repetitions, medians; prints a markdown table with the device it ran on.
+"""``python -m dit_kernels.bench`` (also ``dit-kernels-bench``): the README's main job.
 
-Until the end-to-end pipeline benchmark lands, this measures the norm/modulate op family at real model
-shapes on the best backend here (Triton on a GPU; the torch reference on CPU, where fusion saves
-little: the table says which backend ran).
+A denoising loop of one family's transformer (random weights, built from a config: no download), eager
+diffusers vs ``dit_kernels.patch``-ed (and ``torch.compile`` with --compile), same process, same inputs,
+interleaved repetitions after a warm-up, medians. Prints a markdown table with the device it ran on;
+``--out DIR`` also writes results.md, results.json and results.png (matplotlib, optional).
+Op-level tables: ``python -m dit_kernels.bench.op_table``; the launch/traffic model of each family's
+blocks at real shapes: ``python -m dit_kernels.bench.traffic``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from dit_kernels import backends
-from dit_kernels.bench.ops import H100_HBM_BYTES_PER_S, MODEL_SHAPES, OpCase, cases
+from dit_kernels.bench import e2e
+from dit_kernels.bench.report import device_name, markdown, write
+from dit_kernels.models import FAMILY_MODULES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dit_kernels.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="input dtype (default bf16)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument(
-        "--backend", default=None, choices=backends.BACKENDS, help="fused-op backend (default: the device's best)"
+    parser = argparse.ArgumentParser(
+        prog="python -m dit_kernels.bench", description=__doc__.split("\n\n")[1].replace("\n", " ")
     )
-    parser.add_argument("--models", nargs="+", choices=MODEL_SHAPES, default=None, help="model shapes to run")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per path (default 50 GPU, 5 CPU)")
-    parser.add_argument("--out", type=Path, default=None, help="also write results.md and results.json here")
+    parser.add_argument("--model", choices=FAMILY_MODULES, default="flux",
+                        help="model family with a patcher (default flux)")
+    parser.add_argument(
+        "--config", choices=("tiny", "small", "real"), default=None,
+        help="widths: tiny (DESIGN.md test config; default on CPU), small (DiT-S/2; other families: real width, "
+        "fewest blocks; default on CUDA), real (published config: GPU only in practice)",
+    )  # fmt: skip
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels; latent side = size / 8")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per run (default 20)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--backend", default="auto", help="patch backend: auto, triton, cuda, torch")
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile(eager) row")
+    parser.add_argument("--cache", type=float, default=None, help="add a patched + step-cache row (not yet available)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="add a patched + CUDA graphs row (not yet available)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path, interleaved (default 3)")
+    parser.add_argument("--out", type=Path, default=None, help="write results.md, results.json, results.png here")
     return parser.parse_args(argv)
-
-
-def _timer(device: torch.device):
-    if device.type == "cuda":
-
-        def run(fn) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-
-        return run
-
-    def run(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-
-    return run
-
-
-def _max_abs(got, want) -> float:
-    pairs = zip(got, want) if isinstance(got, tuple) else [(got, want)]
-    return max((a.double() - b.double()).abs().max().item() for a, b in pairs)
-
-
-def measure(case: OpCase, dtype, device, backend, repeats: int) -> dict:
-    """Median ms of eager and fused (interleaved, after one warm-up each) and both errors vs fp32."""
-    tensors = case.inputs(dtype, device)
-    truth = case.eager(**case.inputs(torch.float32, device))
-    eager = lambda: case.eager(**tensors)  # noqa: E731
-    fused = lambda: case.fused(**tensors, backend=backend)  # noqa: E731
-    eager_err, fused_err = _max_abs(eager(), truth), _max_abs(fused(), truth)
-    timer, times = _timer(device), {"eager": [], "fused": []}
-    for _ in range(repeats):
-        times["eager"].append(timer(eager))
-        times["fused"].append(timer(fused))
-    eager_ms, fused_ms = (statistics.median(times[k]) for k in ("eager", "fused"))
-    row = {
-        "op": case.name,
-        "model": case.model,
-        "shape": "x".join(map(str, case.shape)),
-        "eager_ms": eager_ms,
-        "fused_ms": fused_ms,
-        "speedup": eager_ms / fused_ms,
-        "eager_err": eager_err,
-        "fused_err": fused_err,
-    }
-    if device.type == "cuda":
-        row["fused_GBps"] = case.min_bytes(dtype) / (fused_ms * 1e-3) / 1e9
-        row["floor_us"] = case.min_bytes(dtype) / H100_HBM_BYTES_PER_S * 1e6
-    return row
-
-
-def markdown(rows: list[dict], header: str) -> str:
-    columns = list(rows[0])
-    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = (f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values())
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
-    backend = backends.resolve(args.backend, device)
-    repeats = args.repeats or (50 if device.type == "cuda" else 5)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    args.config = args.config or ("small" if device.type == "cuda" else "tiny")
+    setting = e2e.Setting(args.model, args.config, args.size, args.batch, args.steps, DTYPES[dtype_name], str(device))
+    unavailable = [f"--{name} row skipped: not implemented yet" for name, asked in
+                   (("cache", args.cache is not None), ("cuda-graphs", args.cuda_graphs)) if asked]  # fmt: skip
+    with tqdm(total=args.repeats * (3 if args.compile else 2), desc="timed runs", leave=False) as bar:
+        result = e2e.run(setting, repeats=args.repeats, compile_=args.compile, backend=args.backend, progress=bar.update)
     header = (
-        f"device: {device_name} | dtype: {args.dtype} | fused backend: {backend} | repeats: {repeats} "
-        f"(medians, interleaved) | torch {torch.__version__}\n"
-        "errors are max-abs vs the same eager math in fp32"
+        f"device: {device_name(device)} | model: {args.model} ({args.config}) | dtype: {dtype_name} | "
+        f"image {args.size}px, batch {args.batch}, tokens {result['tokens']} | steps: {args.steps} | repeats: "
+        f"{args.repeats} (medians, interleaved, warm-up excluded) | torch {torch.__version__}"
     )
-    print(header, flush=True)
-    rows = []
-    for case in cases(args.models):
-        rows.append(measure(case, dtype, device, backend, repeats))
-        print(f"  {case.model:22s} {case.name:36s} {rows[-1]['speedup']:.2f}x", flush=True)
-    table = markdown(rows, header)
-    print("\n" + table)
+    table = markdown(result["rows"], header)
+    notes = result["notes"] + unavailable
+    print("\n" + table + "".join(f"\n- {note}" for note in notes))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text(table + "\n")
-        (args.out / "results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+        payload = {"header": header, "setting": vars(args), "rows": result["rows"], "notes": notes}
+        for note in write(args.out, table, payload, result["rows"], header):
+            print(f"- {note}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dit_kernels import backends
+from dit_kernels.ops.launch_trace import fused_op
 
 try:
     import triton
@@ -537,6 +538,7 @@ def _normalize_mask(mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Te
 # ---------------------------------------------------------------------------------------------- public
 
 
+@fused_op("joint_attention")
 def joint_attention(
     q: Tensor,
     k: Tensor,

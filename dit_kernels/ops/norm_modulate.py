@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dit_kernels import backends
+from dit_kernels.ops.launch_trace import fused_op
 
 try:
     import triton
@@ -357,6 +358,7 @@ def _flatten_plain(x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------- public
 
 
+@fused_op("layernorm_modulate")
 def layernorm_modulate(
     x: Tensor,
     shift: Optional[Tensor] = None,
@@ -380,6 +382,7 @@ def layernorm_modulate(
     return out.view(x.shape)
 
 
+@fused_op("gated_residual")
 def gated_residual(residual: Tensor, y: Tensor, gate: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """``residual + gate * y`` (``residual + y`` when gate is None), fp32 math, one rounding.
 
@@ -389,6 +392,7 @@ def gated_residual(residual: Tensor, y: Tensor, gate: Optional[Tensor] = None, *
     return _run(backend, residual, y, gate, None, None, None, None, 0.0, False)[1]
 
 
+@fused_op("gated_residual_layernorm_modulate")
 def gated_residual_layernorm_modulate(
     residual: Tensor,
     y: Tensor,

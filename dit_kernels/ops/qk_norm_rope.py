@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dit_kernels import backends
+from dit_kernels.ops.launch_trace import fused_op
 
 try:
     import triton
@@ -422,6 +423,7 @@ def _unit_last_stride(t: Optional[Tensor]) -> Optional[Tensor]:
 # ----------------------------------------------------------------------------------------- public
 
 
+@fused_op("qk_norm_rope")
 def qk_norm_rope(
     q: Tensor,
     k: Tensor,

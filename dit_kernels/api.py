@@ -1,0 +1,173 @@
+"""``patch`` / ``unpatch``: find the transformer, pick its family patcher, check everything, apply, report.
+
+Nothing changes until every check has passed (the object, its family, its parameters, the family's
+config checks, the backends); if applying fails half-way the swaps made so far are undone before the
+error propagates, so a refused or failed ``patch`` leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from dit_kernels import backends
+from dit_kernels.models import family_of, supported_classes
+from dit_kernels.models.shared import OpBackends, Patcher
+
+log = logging.getLogger("dit_kernels")
+
+_STATE = "_dit_kernels_patch"
+BACKEND_CHOICES = ("auto", "triton", "cuda", "torch", "cuda_emu")
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` did: the family, the backend of each op family and why, every module attribute it
+    replaced, and everything left on diffusers' eager path with the reason."""
+
+    family: str
+    transformer_class: str
+    device: str
+    dtype: str
+    backends: dict[str, str] = field(default_factory=dict)
+    replaced: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        rows = [("family", f"{self.family} ({self.transformer_class})"), ("device", f"{self.device}, {self.dtype}")]
+        rows += [(f"backend: {op}", why) for op, why in self.backends.items()]
+        rows.append(("replaced", f"{len(self.replaced)} module attributes"))
+        rows += [("", item) for item in self.replaced]
+        rows += [("eager fallback", item) for item in self.fallbacks] or [("eager fallback", "none")]
+        width = max(len(key) for key, _ in rows)
+        return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+@dataclass
+class _PatchState:
+    report: PatchReport
+    patcher: Patcher
+
+
+def patch(
+    pipe_or_transformer,
+    *,
+    kernels: bool = True,
+    backend: str = "auto",
+    cache=None,
+    cuda_graphs: Union[bool, str] = "auto",
+) -> PatchReport:
+    """Swap the fused ops into a diffusers pipeline's transformer (or a transformer) in place.
+
+    ``backend``: "auto" (CUDA tensors: Triton kernels, attention chosen per shape; CPU tensors: the torch
+    reference), "triton" (on CPU only under ``TRITON_INTERPRET=1``), "cuda" (the ``_C`` kernels), "torch",
+    or "cuda_emu" (the ``_C`` kernel source emulated on CPU; tests only). Raises TypeError for an object
+    that is not a supported transformer, ValueError for a model the patcher does not recognise exactly,
+    RuntimeError for a backend that cannot run here; in every case the object is left unchanged.
+    Patching an already patched model returns the first report and changes nothing."""
+    transformer = _find_transformer(pipe_or_transformer)
+    state = transformer.__dict__.get(_STATE)
+    if state is not None:
+        return state.report
+    family = family_of(transformer)
+    if family is None:
+        raise TypeError(_unsupported(transformer))
+    device, dtype = _check_parameters(transformer)
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
+    if cuda_graphs not in (True, False, "auto"):
+        raise ValueError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
+    if cache is not None:
+        raise NotImplementedError("step caching (cache=...) is not implemented yet; pass cache=None")
+    family.validate(transformer)
+    ops, why = _op_backends(backend, device, kernels)
+    patcher = Patcher(ops)
+    patcher.name_modules(transformer)
+    report = PatchReport(family.FAMILY, type(transformer).__name__, str(device), str(dtype).removeprefix("torch."))
+    if kernels:
+        try:
+            family.apply(transformer, patcher)
+        except BaseException:
+            patcher.undo()
+            raise
+    _note_cuda_graphs(cuda_graphs, device, patcher)
+    report.backends, report.replaced, report.fallbacks = why, patcher.replaced, patcher.fallbacks
+    transformer.__dict__[_STATE] = _PatchState(report, patcher)
+    for item in patcher.fallbacks:
+        log.warning("dit_kernels.patch: eager fallback: %s", item)
+    return report
+
+
+def unpatch(pipe_or_transformer) -> None:
+    """Restore every module attribute ``patch`` replaced; a model that is not patched is left as is."""
+    transformer = _find_transformer(pipe_or_transformer)
+    state = transformer.__dict__.pop(_STATE, None)
+    if state is not None:
+        state.patcher.undo()
+
+
+def is_patched(pipe_or_transformer) -> bool:
+    return _STATE in _find_transformer(pipe_or_transformer).__dict__
+
+
+def patch_report(pipe_or_transformer) -> Optional[PatchReport]:
+    state = _find_transformer(pipe_or_transformer).__dict__.get(_STATE)
+    return None if state is None else state.report
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def _find_transformer(obj) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    transformer = getattr(obj, "transformer", None)
+    if isinstance(transformer, nn.Module):
+        return transformer
+    raise TypeError(_unsupported(obj))
+
+
+def _unsupported(obj) -> str:
+    what = "None" if obj is None else type(obj).__name__
+    return (
+        f"dit_kernels.patch cannot patch {what}: it takes a transformer of a supported class, or a diffusers "
+        f"pipeline whose `.transformer` is one. Supported: {', '.join(supported_classes())}"
+    )
+
+
+def _check_parameters(transformer: nn.Module) -> tuple[torch.device, torch.dtype]:
+    tensors = list(transformer.parameters()) + list(transformer.buffers())
+    devices = {t.device for t in tensors}
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    name = type(transformer).__name__
+    if any(d.type == "meta" for d in devices):
+        raise ValueError(f"{name} has parameters on the meta device; load its weights before dit_kernels.patch")
+    if len(devices) != 1:
+        raise ValueError(f"{name} has parameters on several devices {sorted(map(str, devices))}; move it to one")
+    if len(dtypes) != 1:
+        names = sorted(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} mixes parameter dtypes {names}; cast it to one dtype (e.g. .to(torch.bfloat16))")
+    return devices.pop(), dtypes.pop()
+
+
+def _op_backends(backend: str, device: torch.device, kernels: bool) -> tuple[OpBackends, dict[str, str]]:
+    """Resolve ``backend`` for this device (RuntimeError if it cannot run) and say why each op uses what."""
+    if not kernels:
+        return OpBackends("torch", None), {"all": "kernels=False: diffusers' eager modules"}
+    fused = backends.resolve(None if backend == "auto" else backend, device)
+    if backend == "auto":
+        fused_why = "Triton kernels on CUDA" if fused == "triton" else f"{fused}: the reference ops on {device.type}"
+    else:
+        fused_why = f"{fused}: asked for"
+    attention = fused if backend != "auto" and fused in ("torch", "triton") else None
+    attention_why = f"{attention}: same as the fused ops" if attention else "chosen per call (attention_backend)"
+    return OpBackends(fused, attention), {"norm/modulate, qk_norm_rope": fused_why, "attention": attention_why}
+
+
+def _note_cuda_graphs(cuda_graphs: Union[bool, str], device: torch.device, patcher: Patcher) -> None:
+    if cuda_graphs is True or (cuda_graphs == "auto" and device.type == "cuda"):
+        patcher.fallback("CUDA graphs", "the CUDA-graph runner is not implemented yet; the forward runs eagerly")

@@ -1,0 +1,129 @@
+"""End-to-end benchmark: a denoising loop of one family's transformer, eager diffusers vs patched (and
+torch.compile when asked), same process, same inputs, interleaved repetitions, warm-up excluded.
+
+The loop is a plain Euler flow-matching sampler (``x += (t_next - t) * prediction``, t from 1000 to 0)
+around the transformer alone: the text encoders and the VAE are not part of what ``patch`` changes, so
+they are left out, and the loop is the same for every family. Weights are random (no download), so the
+latents are not images; fidelity is the max-abs error and PSNR of the final latents against the eager
+model run in fp32 on the same inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import dit_kernels
+from dit_kernels.bench import zoo
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What to run: ``family`` at ``config`` width, a ``size`` px image (latent = size / 8), ``steps``."""
+
+    family: str = "flux"
+    config: str = "small"
+    size: int = 256
+    batch: int = 1
+    steps: int = 20
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    def shape(self, model) -> zoo.Shape:
+        latent = self.size // 8
+        side = latent // 2 if self.family == "flux" else latent  # FLUX packs 2x2 latent patches per token
+        text = zoo.default_text_len(self.family, model.config)
+        return zoo.Shape(self.batch, side, side, text if self.config == "real" else min(text, 77))
+
+
+@dataclass
+class Path:
+    """One row: a label and a transformer (eager, compiled or patched) with what it needs to report."""
+
+    label: str
+    model: Callable
+    note: str = ""
+
+
+def denoise(model: Callable, family: str, inputs: dict, steps: int) -> torch.Tensor:
+    """Euler flow steps from t = 1000 to 0; returns the final latents (fp32)."""
+    inputs = dict(inputs)
+    latents = inputs["hidden_states"]
+    channels = latents.shape[-1] if family == "flux" else latents.shape[1]
+    times = torch.linspace(1000, 0, steps + 1).tolist()
+    with torch.no_grad():
+        for t, t_next in zip(times[:-1], times[1:]):
+            inputs["hidden_states"] = latents
+            zoo.set_timestep(family, inputs, t)
+            prediction = model(**inputs, return_dict=False)[0]
+            prediction = prediction[..., :channels] if family == "flux" else prediction[:, :channels]
+            latents = latents + (t_next - t) / 1000 * prediction
+    return latents.float()
+
+
+def _time_ms(fn: Callable, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def psnr(got: torch.Tensor, truth: torch.Tensor) -> float:
+    """20 log10(range(truth) / rmse): inf when equal."""
+    mse = (got.double() - truth.double()).pow(2).mean().item()
+    peak = (truth.max() - truth.min()).item()
+    return math.inf if mse == 0 else 20 * math.log10(peak / math.sqrt(mse))
+
+
+def build_paths(setting: Setting, compile_: bool, backend: str) -> tuple[torch.nn.Module, list[Path]]:
+    """The fp32 eager model (the truth) and the paths to time, all with the same weights."""
+    torch.manual_seed(0)
+    truth_model = zoo.build(setting.family, setting.config).to(setting.device)
+    eager = copy.deepcopy(truth_model).to(setting.dtype)
+    paths = [Path("eager diffusers", eager)]
+    if compile_:
+        paths.append(Path("torch.compile", torch.compile(eager)))
+    patched = copy.deepcopy(eager)
+    report = dit_kernels.patch(patched, backend=backend, cuda_graphs=False)
+    paths.append(Path("patched", patched, note=f"ops: {report.backends}"))
+    return truth_model, paths
+
+
+def run(setting: Setting, *, repeats: int, compile_: bool = False, backend: str = "auto", progress=None) -> dict:
+    """Time every path ``repeats`` times, interleaved, after one warm-up each; errors vs fp32 eager."""
+    truth_model, paths = build_paths(setting, compile_, backend)
+    shape = setting.shape(truth_model)
+    inputs = zoo.transformer_inputs(setting.family, truth_model, shape, setting.dtype, setting.device)
+    truth = denoise(truth_model, setting.family, zoo.transformer_inputs(
+        setting.family, truth_model, shape, torch.float32, setting.device), setting.steps)  # fmt: skip
+    outputs = {p.label: denoise(p.model, setting.family, inputs, setting.steps) for p in paths}  # warm-up
+    times: dict[str, list[float]] = {p.label: [] for p in paths}
+    for _ in range(repeats):
+        for p in paths:
+            times[p.label].append(_time_ms(lambda: denoise(p.model, setting.family, inputs, setting.steps),
+                                           setting.device))  # fmt: skip
+            if progress:
+                progress()
+    eager_ms = statistics.median(times[paths[0].label])
+    blocks = sum(len(m) for m in truth_model.children() if isinstance(m, torch.nn.ModuleList))
+    rows = []
+    for p in paths:
+        median = statistics.median(times[p.label])
+        rows.append({
+            "path": p.label, "ms/step": median / setting.steps, "vs eager": eager_ms / median,
+            "blocks evaluated": blocks * setting.steps,
+            "max-abs vs fp32": (outputs[p.label] - truth).abs().max().item(),
+            "PSNR vs fp32 (dB)": psnr(outputs[p.label], truth),
+        })  # fmt: skip
+    tokens = shape.height * shape.width // (1 if setting.family == "flux" else 4)
+    return {"rows": rows, "tokens": f"{tokens}+{shape.text_len}" if shape.text_len else str(tokens),
+            "notes": [p.note for p in paths if p.note]}  # fmt: skip

@@ -1,0 +1,351 @@
+"""FLUX.1 patcher: ``FluxTransformer2DModel`` (dev: ``guidance_embeds=True``; schnell: False), diffusers 0.42.
+
+Per double block (``FluxTransformerBlock``), on each stream (image ``h`` [B, S, D], text ``c`` [B, T, D]),
+with ``shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm1.linear(silu(temb)).chunk(6)``
+(``norm1_context`` for the text stream), 3 fused launches per stream instead of ~12 elementwise ops::
+
+    x       = layernorm_modulate(h, shift_msa, scale_msa)                     # norm1 (AdaLayerNormZero)
+    a, a_c  = attn(x, x_c)                                                    # FluxFusedAttnProcessor
+    h, x2   = gated_residual_layernorm_modulate(h, a, gate_msa, shift_mlp, scale_mlp)   # + norm2
+    h       = gated_residual(h, ff(x2), gate_mlp)
+    c       = clip_fp16(same on the text stream)        # diffusers clips only the text stream here
+
+Per single block (``FluxSingleTransformerBlock``), on the joint sequence ``j = cat(c, h)`` [B, T + S, D]
+with ``shift, scale, gate = norm.linear(silu(temb)).chunk(3)``::
+
+    x = layernorm_modulate(j, shift, scale)                                   # norm (AdaLayerNormZeroSingle)
+    j = clip_fp16(gated_residual(j, proj_out(cat(attn(x), act_mlp(proj_mlp(x)))), gate))
+    return j[:, :T], j[:, T:]
+
+Attention (both block kinds): each stream's projections go through one ``qk_norm_rope`` launch (per-head
+RMSNorm of q and k, interleaved RoPE, V copied along) into joint [B, T + S, H, Dh] buffers, text first
+(rows 0..T-1 of the RoPE table, which FLUX builds over ``cat(txt_ids, img_ids)``), image at
+``seq_offset = T``; no ``torch.cat``. ``pos_embed`` hands the kernels fp32 contiguous tables once per
+transformer call (``rope_tables``), so no block converts them.
+
+Every Linear, the FeedForwards and the GELU stay the model's own modules (peft LoRA keeps working); only
+the norm modules' eps/weight/bias are read. ``validate`` refuses anything else (a custom or IP-adapter
+processor, another norm type, a forward already wrapped by a hook) before anything changes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttention,
+    FluxAttnProcessor,
+    FluxPosEmbed,
+    FluxSingleTransformerBlock,
+    FluxTransformerBlock,
+    _get_qkv_projections,
+)
+from torch import Tensor, nn
+
+from dit_kernels.models.shared import OpBackends, Stream, joint_buffers, qk_norm_kwargs
+from dit_kernels.ops import (
+    gated_residual,
+    gated_residual_layernorm_modulate,
+    joint_attention,
+    layernorm_modulate,
+    rope_tables,
+)
+
+FAMILY = "flux"
+TRANSFORMER_CLASS = FluxTransformer2DModel
+
+FP16_MAX = torch.finfo(torch.float16).max  # 65504: diffusers' clip bound
+
+
+# ----------------------------------------------------------------------------------------- validate
+
+
+def validate(transformer: FluxTransformer2DModel) -> None:
+    """Raise ValueError naming the first module or config value the fused path would not reproduce."""
+    _check_unwrapped(transformer.pos_embed, "pos_embed")
+    _check_type(transformer.pos_embed, FluxPosEmbed, "pos_embed")
+    for i, block in enumerate(transformer.transformer_blocks):
+        _validate_double(block, f"transformer_blocks.{i}")
+    for i, block in enumerate(transformer.single_transformer_blocks):
+        _validate_single(block, f"single_transformer_blocks.{i}")
+    axes = list(transformer.pos_embed.axes_dim)
+    head_dims = {attn.head_dim for attn in _attentions(transformer)}
+    if any(d % 2 for d in axes) or head_dims - {sum(axes)}:
+        raise ValueError(
+            f"flux: config axes_dims_rope={axes} must be even and sum to attention_head_dim {sorted(head_dims)} "
+            "(one interleaved RoPE table row per head dim)"
+        )
+
+
+def _validate_double(block: nn.Module, name: str) -> None:
+    _check_type(block, FluxTransformerBlock, name)
+    _check_unwrapped(block, name)
+    for norm in ("norm1", "norm1_context"):
+        _check_ada_norm(getattr(block, norm), AdaLayerNormZero, f"{name}.{norm}")
+        if getattr(block, norm).emb is not None:
+            raise ValueError(f"flux: {name}.{norm} embeds its own timestep/class (AdaLayerNormZero.emb); not FLUX's")
+    for norm in ("norm2", "norm2_context"):
+        _check_type(getattr(block, norm), nn.LayerNorm, f"{name}.{norm}")
+    _validate_attention(block.attn, f"{name}.attn", joint=True)
+
+
+def _validate_single(block: nn.Module, name: str) -> None:
+    _check_type(block, FluxSingleTransformerBlock, name)
+    _check_unwrapped(block, name)
+    _check_ada_norm(block.norm, AdaLayerNormZeroSingle, f"{name}.norm")
+    _validate_attention(block.attn, f"{name}.attn", joint=False)
+
+
+def _validate_attention(attn: nn.Module, name: str, joint: bool) -> None:
+    """A FluxAttention with diffusers' default processor, RMSNorm-like q/k norms, text projections iff
+    ``joint`` (double blocks) and an output projection iff ``joint`` (single blocks project in proj_out)."""
+    _check_type(attn, FluxAttention, name)
+    _check_type(attn.processor, FluxAttnProcessor, f"{name}.processor")
+    if (attn.added_kv_proj_dim is not None) != joint or attn.pre_only == joint:
+        raise ValueError(
+            f"flux: {name} has added_kv_proj_dim={attn.added_kv_proj_dim}, pre_only={attn.pre_only}; a "
+            f"{'double' if joint else 'single'} block's attention has {'both' if joint else 'neither'} "
+            "text projections and an output projection"
+        )
+    pairs = [("norm_q", "norm_k")] + [("norm_added_q", "norm_added_k")] * joint
+    for q, k in pairs:
+        try:
+            qk_norm_kwargs(getattr(attn, q), getattr(attn, k))
+        except ValueError as err:
+            raise ValueError(f"flux: {name}.{q}/{k}: {err}") from None
+
+
+def _check_ada_norm(norm: nn.Module, cls: type, name: str) -> None:
+    _check_type(norm, cls, name)
+    _check_type(norm.norm, nn.LayerNorm, f"{name}.norm")
+
+
+def _check_type(module: object, cls: type, name: str) -> None:
+    if type(module) is not cls:
+        raise ValueError(
+            f"flux: {name} is {_qualname(type(module))}, expected exactly {_qualname(cls)}: the flux patcher "
+            "reproduces only the stock FLUX.1 modules with diffusers' default attention processor"
+        )
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_unwrapped(module: nn.Module, name: str) -> None:
+    """A forward already set on the instance (diffusers hooks: caching, offloading; accelerate hooks) would
+    be bypassed by ours, so such a module is refused rather than silently unhooked."""
+    if "forward" in module.__dict__:
+        raise ValueError(
+            f"flux: {name}.forward is already wrapped ({module.__dict__['forward']!r}, e.g. by a diffusers or "
+            "accelerate hook); remove the hook before dit_kernels.patch, or apply it after"
+        )
+
+
+def _attentions(transformer: FluxTransformer2DModel) -> list[FluxAttention]:
+    return [block.attn for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
+
+
+# ----------------------------------------------------------------------------------------- apply
+
+
+def apply(transformer: FluxTransformer2DModel, patcher) -> None:
+    """Swap pos_embed's forward, every block's forward and every attention processor."""
+    patcher.replace_forward(transformer.pos_embed, _pos_embed_forward, "rope_tables once per call")
+    double = _double_block_forward(patcher.ops)
+    single = _single_block_forward(patcher.ops)
+    for block in transformer.transformer_blocks:
+        patcher.replace_forward(block, double, "layernorm_modulate x2, gated_residual_layernorm_modulate x2, "
+                                               "gated_residual x2")  # fmt: skip
+        patcher.set_processor(block.attn, FluxFusedAttnProcessor(block.attn.processor, patcher.ops))
+    for block in transformer.single_transformer_blocks:
+        patcher.replace_forward(block, single, "layernorm_modulate, gated_residual")
+        patcher.set_processor(block.attn, FluxFusedAttnProcessor(block.attn.processor, patcher.ops))
+
+
+def _pos_embed_forward(pos_embed: FluxPosEmbed, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """FluxPosEmbed's (cos, sin) [S_txt + S_img, Dh] as the fp32 contiguous tables the kernels read (no copy:
+    diffusers already builds them so), converted here once per transformer call, never per block."""
+    return rope_tables(*FluxPosEmbed.forward(pos_embed, ids))
+
+
+def _double_block_forward(ops: OpBackends):
+    """FluxTransformerBlock.forward on fused ops (the math in the module docstring)."""
+
+    def forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        img = _modulation(block.norm1, temb, 6)
+        txt = _modulation(block.norm1_context, temb, 6)
+        attn_img, attn_txt = block.attn(
+            hidden_states=_modulate(hidden_states, block.norm1.norm, img[0], img[1], ops),
+            encoder_hidden_states=_modulate(encoder_hidden_states, block.norm1_context.norm, txt[0], txt[1], ops),
+            image_rotary_emb=image_rotary_emb,
+            **(joint_attention_kwargs or {}),
+        )
+        hidden_states = _gated_feed_forward(hidden_states, attn_img, img[2:], block.norm2, block.ff, ops)
+        encoder_hidden_states = _gated_feed_forward(
+            encoder_hidden_states, attn_txt, txt[2:], block.norm2_context, block.ff_context, ops
+        )
+        return _clip_fp16(encoder_hidden_states), hidden_states
+
+    return forward
+
+
+def _single_block_forward(ops: OpBackends):
+    """FluxSingleTransformerBlock.forward on fused ops (the math in the module docstring)."""
+
+    def forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        text_len = encoder_hidden_states.shape[1]
+        residual = _joined(encoder_hidden_states, hidden_states)
+        shift, scale, gate = _modulation(block.norm, temb, 3)
+        normed = _modulate(residual, block.norm.norm, shift, scale, ops)
+        mlp = block.act_mlp(block.proj_mlp(normed))
+        attn = block.attn(hidden_states=normed, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+        out = block.proj_out(torch.cat([attn, mlp], dim=2))
+        joint = _clip_fp16(gated_residual(residual, out, gate, backend=ops.fused))
+        return joint[:, :text_len], joint[:, text_len:]
+
+    return forward
+
+
+def _modulation(ada_norm: nn.Module, temb: Tensor, chunks: int) -> tuple[Tensor, ...]:
+    """``ada_norm.linear(ada_norm.silu(temb)).chunk(chunks, dim=1)``: [B, D] views, in diffusers' order."""
+    return ada_norm.linear(ada_norm.silu(temb)).chunk(chunks, dim=1)
+
+
+def _layernorm(norm: nn.LayerNorm) -> dict:
+    """The LayerNorm's affine parameters (None without) and eps, as fused-op keywords."""
+    return {"weight": norm.weight, "bias": norm.bias, "eps": norm.eps}
+
+
+def _modulate(x: Tensor, norm: nn.LayerNorm, shift: Tensor, scale: Tensor, ops: OpBackends) -> Tensor:
+    """``norm(x) * (1 + scale) + shift``: x [B, S, D], shift/scale [B, D]; one layernorm_modulate launch."""
+    return layernorm_modulate(x, shift, scale, **_layernorm(norm), backend=ops.fused)
+
+
+def _gated_feed_forward(h: Tensor, attn: Tensor, mod: tuple[Tensor, ...], norm: nn.LayerNorm, ff: nn.Module,
+                        ops: OpBackends) -> Tensor:  # fmt: skip
+    """The double block's tail on one stream: ``mod = (gate_msa, shift_mlp, scale_mlp, gate_mlp)``;
+    ``h += gate_msa * attn; h += gate_mlp * ff(norm(h) * (1 + scale_mlp) + shift_mlp)``. [B, S, D]."""
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+    h, normed = gated_residual_layernorm_modulate(h, attn, gate_msa, shift_mlp, scale_mlp, **_layernorm(norm),
+                                                  backend=ops.fused)  # fmt: skip
+    return gated_residual(h, ff(normed), gate_mlp, backend=ops.fused)
+
+
+def _clip_fp16(x: Tensor) -> Tensor:
+    """What diffusers does after these residuals in fp16: ``x.clip(-65504, 65504)`` (an overflow becomes
+    the largest finite value, not inf). In place on our own fresh output; other dtypes pass unchanged."""
+    return x.clamp_(-FP16_MAX, FP16_MAX) if x.dtype == torch.float16 else x
+
+
+def _joined(txt: Tensor, img: Tensor) -> Tensor:
+    """``torch.cat([txt, img], dim=1)`` [B, T + S, D]. When txt and img are the two halves the previous
+    single block returned, the tensor they are views of: the same values, no copy. Under torch.compile
+    (which cannot trace storage offsets) always the cat: the compiler plans its own buffers."""
+    base = txt._base
+    if not torch.compiler.is_compiling() and base is not None and _are_halves(base, txt, img):
+        return base
+    return torch.cat([txt, img], dim=1)
+
+
+def _are_halves(base: Tensor, txt: Tensor, img: Tensor) -> bool:
+    """Whether txt and img are exactly ``base[:, :T]`` and ``base[:, T:]`` of a contiguous [B, T + S, D]."""
+    if img._base is not base or base.dim() != 3 or not base.is_contiguous():
+        return False
+    batch, total, dim = base.shape
+    text_len = txt.shape[1]
+    return (
+        txt.shape == (batch, text_len, dim)
+        and img.shape == (batch, total - text_len, dim)
+        and txt.stride() == img.stride() == base.stride()
+        and txt.storage_offset() == base.storage_offset()
+        and img.storage_offset() == base.storage_offset() + text_len * dim
+    )
+
+
+# ----------------------------------------------------------------------------------------- attention
+
+
+class FluxFusedAttnProcessor:
+    """FluxAttnProcessor with q/k RMSNorm + RoPE + concatenation fused into ``qk_norm_rope`` launches.
+
+    ``attn(hidden_states [B, S, D], encoder_hidden_states [B, T, D] | None, attention_mask,
+    image_rotary_emb (cos, sin) [T + S, Dh])``: the text stream (``add_*_proj``, ``norm_added_*``) lands
+    at rows 0..T-1 of joint q/k/v [B, T + S, H, Dh], the image stream (``to_*``, ``norm_*``) at T..; then
+    attention, then ``to_out`` on the image rows and ``to_add_out`` on the text rows (double blocks), or
+    the flattened [B, S, H * Dh] output (single blocks, no text stream).
+
+    Which attention runs. diffusers routes this call through ``dispatch_attention_fn(backend=
+    self._attention_backend, parallel_config=self._parallel_config)``; that is what carries
+    ``set_attention_backend``, the ``attention_backend`` context manager / ``DIFFUSERS_ATTN_BACKEND``,
+    context parallelism (Ulysses/Ring all-to-alls happen inside it) and attention masks. When none of
+    them is in play (no backend and no parallel config on the processor, diffusers' active backend the
+    default "native", i.e. plain SDPA, and no mask) the call runs ``joint_attention(backend=ops.attention)``
+    instead: the same softmax attention on our own choice of kernel (flash-attention / Triton / SDPA),
+    which is where the speed is. Whenever the user asked diffusers for anything, the joint buffers go to
+    ``dispatch_attention_fn`` exactly as FluxAttnProcessor passes them, so those features keep working.
+
+    ``_attention_backend`` and ``_parallel_config`` read and write the replaced processor's attributes:
+    a setting made before ``patch`` is honoured, and one made while patched survives ``unpatch``."""
+
+    def __init__(self, original: FluxAttnProcessor, ops: OpBackends):
+        self.original = original
+        self.ops = ops
+
+    @property
+    def _attention_backend(self):
+        return self.original._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        self.original._attention_backend = backend
+
+    @property
+    def _parallel_config(self):
+        return self.original._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        self.original._parallel_config = config
+
+    def __call__(
+        self,
+        attn: FluxAttention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        image_rotary_emb: Optional[tuple[Tensor, Tensor]] = None,
+    ):
+        query, key, value, txt_query, txt_key, txt_value = _get_qkv_projections(attn, hidden_states,
+                                                                                encoder_hidden_states)  # fmt: skip
+        streams = [Stream(query, key, value, attn.norm_q, attn.norm_k)]
+        if attn.added_kv_proj_dim is not None:
+            streams.insert(0, Stream(txt_query, txt_key, txt_value, attn.norm_added_q, attn.norm_added_k))
+        heads = query.shape[-1] // attn.head_dim  # tensor-parallel shards hold fewer heads, as in diffusers
+        q, k, v = joint_buffers(streams, heads, self.ops, image_rotary_emb)
+        out = self._attend(q, k, v, attention_mask).flatten(2, 3)
+        if encoder_hidden_states is None:
+            return out
+        text_len = encoder_hidden_states.shape[1]
+        txt, img = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+        return attn.to_out[1](attn.to_out[0](img.contiguous())), attn.to_add_out(txt.contiguous())
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """[B, T + S, H, Dh] -> [B, T + S, H, Dh]: our kernel, or diffusers' dispatch (see the class doc)."""
+        if self._uses_diffusers_dispatch(mask):
+            return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._attention_backend,
+                                         parallel_config=self._parallel_config)  # fmt: skip
+        return joint_attention(q, k, v, backend=self.ops.attention)
+
+    def _uses_diffusers_dispatch(self, mask: Optional[Tensor]) -> bool:
+        active, _ = _AttentionBackendRegistry.get_active_backend()
+        return (
+            self._attention_backend is not None
+            or self._parallel_config is not None
+            or mask is not None
+            or active != AttentionBackendName.NATIVE
+        )

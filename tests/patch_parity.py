@@ -1,0 +1,74 @@
+"""Whole-transformer parity of a patched model against eager diffusers, shared by the per-family tests.
+
+The truth is the eager model in fp32. In fp32 the patched model must agree with it to fp32 reordering
+noise (the fused ops compute in fp32 and differ only in reduction order: ``FP32_RTOL``/``FP32_ATOL``); in
+fp16/bf16 it may err at most ``factor`` x what eager diffusers errs in the same dtype, plus a small floor
+(``tolerances.assert_within_eager_bound``, the flash-attention rule). After ``unpatch`` the model must give
+eager's output bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+
+import dit_kernels
+from tolerances import assert_within_eager_bound
+
+# Several blocks of fp32 math whose reductions the fused kernels order differently from aten: relative
+# error grows ~sqrt(n) ulps per reduction, a few reductions deep; 2e-5 relative leaves room for 150 ulps.
+FP32_RTOL, FP32_ATOL = 2e-5, 2e-6
+
+
+def forward(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    return out.float()
+
+
+def assert_patched_parity(
+    build: Callable[[], torch.nn.Module],
+    make_inputs: Callable[[torch.dtype], dict],
+    *,
+    dtype: torch.dtype,
+    backend: str,
+    factor: float = 2.0,
+    what: str = "",
+) -> dit_kernels.PatchReport:
+    """Build the model in fp32 (seeded), compare patched ``dtype`` output against the fp32 eager truth,
+    then check ``unpatch`` restores eager ``dtype`` output exactly. Returns the patch report."""
+    torch.manual_seed(0)
+    reference = build().eval()
+    truth = forward(reference, make_inputs(torch.float32))
+    model = copy.deepcopy(reference).to(dtype)
+    inputs = make_inputs(dtype)
+    eager = forward(model, inputs)
+    report = dit_kernels.patch(model, backend=backend)
+    assert report.replaced, f"{what}: patch replaced nothing"
+    ours = forward(model, inputs)
+    assert torch.isfinite(ours).all(), f"{what}: non-finite patched output"
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, truth, rtol=FP32_RTOL, atol=FP32_ATOL, msg=lambda m: f"{what}: {m}")
+    else:
+        assert_within_eager_bound(ours, eager, truth, factor=factor, what=what)
+    dit_kernels.unpatch(model)
+    assert torch.equal(forward(model, inputs), eager), f"{what}: unpatch did not restore eager output"
+    return report
+
+
+def snapshot(model: torch.nn.Module) -> tuple:
+    """Everything patch may touch: parameters, buffers, module types, instance attributes."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    layout = [(name, type(m), dict(vars(m))) for name, m in model.named_modules()]
+    return state, layout
+
+
+def assert_unchanged(model: torch.nn.Module, before: tuple) -> None:
+    state, layout = snapshot(model)
+    assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
+    assert [(n, t) for n, t, _ in layout] == [(n, t) for n, t, _ in before[1]]
+    for (name, _, attrs), (_, _, attrs_before) in zip(layout, before[1]):
+        assert attrs.keys() == attrs_before.keys(), f"{name}: instance attributes changed"
+        assert all(attrs[k] is attrs_before[k] for k in attrs if k not in ("_parameters", "_buffers")), name
