@@ -4,16 +4,16 @@ Per double block (``FluxTransformerBlock``), on each stream (image ``h`` [B, S, 
 with ``shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm1.linear(silu(temb)).chunk(6)``
 (``norm1_context`` for the text stream), 3 fused launches per stream instead of ~12 elementwise ops::
 
-    x       = layernorm_modulate(h, shift_msa, scale_msa)                     # norm1 (AdaLayerNormZero)
+    x       = layernormmodulate(h, shift_msa, scale_msa)                     # norm1 (AdaLayerNormZero)
     a, a_c  = attn(x, x_c)                                                    # FluxFusedAttnProcessor
-    h, x2   = gated_residual_layernorm_modulate(h, a, gate_msa, shift_mlp, scale_mlp)   # + norm2
+    h, x2   = gated_residual_layernormmodulate(h, a, gate_msa, shift_mlp, scale_mlp)   # + norm2
     h       = gated_residual(h, ff(x2), gate_mlp)
     c       = clip_fp16(same on the text stream)        # diffusers clips only the text stream here
 
 Per single block (``FluxSingleTransformerBlock``), on the joint sequence ``j = cat(c, h)`` [B, T + S, D]
 with ``shift, scale, gate = norm.linear(silu(temb)).chunk(3)``::
 
-    x = layernorm_modulate(j, shift, scale)                                   # norm (AdaLayerNormZeroSingle)
+    x = layernormmodulate(j, shift, scale)                                   # norm (AdaLayerNormZeroSingle)
     j = clip_fp16(gated_residual(j, proj_out(cat(attn(x), act_mlp(proj_mlp(x)))), gate))
     return j[:, :T], j[:, T:]
 
@@ -46,19 +46,22 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import Tensor, nn
 
-from dit_kernels.models.shared import OpBackends, Stream, joint_buffers, qk_norm_kwargs
-from dit_kernels.ops import (
-    gated_residual,
-    gated_residual_layernorm_modulate,
-    joint_attention,
-    layernorm_modulate,
-    rope_tables,
+from dit_kernels.models.shared import (
+    OpBackends,
+    Stream,
+    check_qk_norms,
+    check_type,
+    check_unwrapped,
+    clip_fp16,
+    gated_feed_forward,
+    joint_buffers,
+    modulate,
+    modulation,
 )
+from dit_kernels.ops import gated_residual, joint_attention, rope_tables
 
 FAMILY = "flux"
 TRANSFORMER_CLASS = FluxTransformer2DModel
-
-FP16_MAX = torch.finfo(torch.float16).max  # 65504: diffusers' clip bound
 
 
 # ----------------------------------------------------------------------------------------- validate
@@ -111,12 +114,7 @@ def _validate_attention(attn: nn.Module, name: str, joint: bool) -> None:
             f"{'double' if joint else 'single'} block's attention has {'both' if joint else 'neither'} "
             "text projections and an output projection"
         )
-    pairs = [("norm_q", "norm_k")] + [("norm_added_q", "norm_added_k")] * joint
-    for q, k in pairs:
-        try:
-            qk_norm_kwargs(getattr(attn, q), getattr(attn, k))
-        except ValueError as err:
-            raise ValueError(f"flux: {name}.{q}/{k}: {err}") from None
+    check_qk_norms(attn, [("norm_q", "norm_k")] + [("norm_added_q", "norm_added_k")] * joint, name, FAMILY)
 
 
 def _check_ada_norm(norm: nn.Module, cls: type, name: str) -> None:
@@ -125,25 +123,11 @@ def _check_ada_norm(norm: nn.Module, cls: type, name: str) -> None:
 
 
 def _check_type(module: object, cls: type, name: str) -> None:
-    if type(module) is not cls:
-        raise ValueError(
-            f"flux: {name} is {_qualname(type(module))}, expected exactly {_qualname(cls)}: the flux patcher "
-            "reproduces only the stock FLUX.1 modules with diffusers' default attention processor"
-        )
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+    check_type(module, cls, name, FAMILY)
 
 
 def _check_unwrapped(module: nn.Module, name: str) -> None:
-    """A forward already set on the instance (diffusers hooks: caching, offloading; accelerate hooks) would
-    be bypassed by ours, so such a module is refused rather than silently unhooked."""
-    if "forward" in module.__dict__:
-        raise ValueError(
-            f"flux: {name}.forward is already wrapped ({module.__dict__['forward']!r}, e.g. by a diffusers or "
-            "accelerate hook); remove the hook before dit_kernels.patch, or apply it after"
-        )
+    check_unwrapped(module, name, FAMILY)
 
 
 def _attentions(transformer: FluxTransformer2DModel) -> list[FluxAttention]:
@@ -177,19 +161,19 @@ def _double_block_forward(ops: OpBackends):
     """FluxTransformerBlock.forward on fused ops (the math in the module docstring)."""
 
     def forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
-        img = _modulation(block.norm1, temb, 6)
-        txt = _modulation(block.norm1_context, temb, 6)
+        img = modulation(block.norm1, temb, 6)
+        txt = modulation(block.norm1_context, temb, 6)
         attn_img, attn_txt = block.attn(
-            hidden_states=_modulate(hidden_states, block.norm1.norm, img[0], img[1], ops),
-            encoder_hidden_states=_modulate(encoder_hidden_states, block.norm1_context.norm, txt[0], txt[1], ops),
+            hidden_states=modulate(hidden_states, block.norm1.norm, img[0], img[1], ops),
+            encoder_hidden_states=modulate(encoder_hidden_states, block.norm1_context.norm, txt[0], txt[1], ops),
             image_rotary_emb=image_rotary_emb,
             **(joint_attention_kwargs or {}),
         )
-        hidden_states = _gated_feed_forward(hidden_states, attn_img, img[2:], block.norm2, block.ff, ops)
-        encoder_hidden_states = _gated_feed_forward(
+        hidden_states = gated_feed_forward(hidden_states, attn_img, img[2:], block.norm2, block.ff, ops)
+        encoder_hidden_states = gated_feed_forward(
             encoder_hidden_states, attn_txt, txt[2:], block.norm2_context, block.ff_context, ops
         )
-        return _clip_fp16(encoder_hidden_states), hidden_states
+        return clip_fp16(encoder_hidden_states), hidden_states
 
     return forward
 
@@ -200,46 +184,15 @@ def _single_block_forward(ops: OpBackends):
     def forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
         text_len = encoder_hidden_states.shape[1]
         residual = _joined(encoder_hidden_states, hidden_states)
-        shift, scale, gate = _modulation(block.norm, temb, 3)
-        normed = _modulate(residual, block.norm.norm, shift, scale, ops)
+        shift, scale, gate = modulation(block.norm, temb, 3)
+        normed = modulate(residual, block.norm.norm, shift, scale, ops)
         mlp = block.act_mlp(block.proj_mlp(normed))
         attn = block.attn(hidden_states=normed, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
         out = block.proj_out(torch.cat([attn, mlp], dim=2))
-        joint = _clip_fp16(gated_residual(residual, out, gate, backend=ops.fused))
+        joint = clip_fp16(gated_residual(residual, out, gate, backend=ops.fused))
         return joint[:, :text_len], joint[:, text_len:]
 
     return forward
-
-
-def _modulation(ada_norm: nn.Module, temb: Tensor, chunks: int) -> tuple[Tensor, ...]:
-    """``ada_norm.linear(ada_norm.silu(temb)).chunk(chunks, dim=1)``: [B, D] views, in diffusers' order."""
-    return ada_norm.linear(ada_norm.silu(temb)).chunk(chunks, dim=1)
-
-
-def _layernorm(norm: nn.LayerNorm) -> dict:
-    """The LayerNorm's affine parameters (None without) and eps, as fused-op keywords."""
-    return {"weight": norm.weight, "bias": norm.bias, "eps": norm.eps}
-
-
-def _modulate(x: Tensor, norm: nn.LayerNorm, shift: Tensor, scale: Tensor, ops: OpBackends) -> Tensor:
-    """``norm(x) * (1 + scale) + shift``: x [B, S, D], shift/scale [B, D]; one layernorm_modulate launch."""
-    return layernorm_modulate(x, shift, scale, **_layernorm(norm), backend=ops.fused)
-
-
-def _gated_feed_forward(h: Tensor, attn: Tensor, mod: tuple[Tensor, ...], norm: nn.LayerNorm, ff: nn.Module,
-                        ops: OpBackends) -> Tensor:  # fmt: skip
-    """The double block's tail on one stream: ``mod = (gate_msa, shift_mlp, scale_mlp, gate_mlp)``;
-    ``h += gate_msa * attn; h += gate_mlp * ff(norm(h) * (1 + scale_mlp) + shift_mlp)``. [B, S, D]."""
-    gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-    h, normed = gated_residual_layernorm_modulate(h, attn, gate_msa, shift_mlp, scale_mlp, **_layernorm(norm),
-                                                  backend=ops.fused)  # fmt: skip
-    return gated_residual(h, ff(normed), gate_mlp, backend=ops.fused)
-
-
-def _clip_fp16(x: Tensor) -> Tensor:
-    """What diffusers does after these residuals in fp16: ``x.clip(-65504, 65504)`` (an overflow becomes
-    the largest finite value, not inf). In place on our own fresh output; other dtypes pass unchanged."""
-    return x.clamp_(-FP16_MAX, FP16_MAX) if x.dtype == torch.float16 else x
 
 
 def _joined(txt: Tensor, img: Tensor) -> Tensor:

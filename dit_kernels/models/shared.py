@@ -8,6 +8,7 @@ that peft injects before or after ``patch`` keep working, and the state dict nev
 
 from __future__ import annotations
 
+import logging
 import types
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -15,9 +16,16 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from dit_kernels.ops import joint_attention, qk_norm_rope
+from dit_kernels.ops import (
+    gated_residual,
+    gated_residual_layernorm_modulate,
+    joint_attention,
+    layernorm_modulate,
+    qk_norm_rope,
+)
 
 _MISSING = object()
+FP16_MAX = torch.finfo(torch.float16).max  # 65504: diffusers' clip bound
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,79 @@ class Patcher:
                 del obj.__dict__[name]
             else:
                 object.__setattr__(obj, name, previous)
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def check_type(module: object, cls: type, name: str, family: str) -> None:
+    """Exactly ``cls`` (a subclass may override what the patcher replaces), else ValueError naming it."""
+    if type(module) is not cls:
+        raise ValueError(
+            f"{family}: {name} is {qualname(type(module))}, expected exactly {qualname(cls)}: the {family} "
+            "patcher reproduces only diffusers' stock modules with their default attention processor"
+        )
+
+
+def qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_unwrapped(module: nn.Module, name: str, family: str) -> None:
+    """A forward already set on the instance (diffusers hooks: caching, offloading; accelerate hooks) would
+    be bypassed by ours, so such a module is refused rather than silently unhooked."""
+    if "forward" in module.__dict__:
+        raise ValueError(
+            f"{family}: {name}.forward is already wrapped ({module.__dict__['forward']!r}, e.g. by a diffusers "
+            "or accelerate hook); remove the hook before dit_kernels.patch, or apply it after"
+        )
+
+
+def check_qk_norms(attn: nn.Module, pairs: Sequence[tuple[str, str]], name: str, family: str) -> None:
+    """Each (q, k) pair of per-head norm attributes of ``attn`` is one ``qk_norm_rope`` can reproduce."""
+    for q, k in pairs:
+        try:
+            qk_norm_kwargs(getattr(attn, q), getattr(attn, k))
+        except ValueError as err:
+            raise ValueError(f"{family}: {name}.{q}/{k}: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------- norm + modulate
+
+
+def modulation(ada_norm: nn.Module, temb: Tensor, chunks: int) -> tuple[Tensor, ...]:
+    """``ada_norm.linear(ada_norm.silu(temb)).chunk(chunks, dim=1)``: [B, D] views, in diffusers' order
+    (AdaLayerNormZero / AdaLayerNormZeroSingle without their own embedding)."""
+    return ada_norm.linear(ada_norm.silu(temb)).chunk(chunks, dim=1)
+
+
+def layernorm_kwargs(norm: nn.LayerNorm) -> dict:
+    """The LayerNorm's affine parameters (None without) and eps, as fused-op keywords."""
+    return {"weight": norm.weight, "bias": norm.bias, "eps": norm.eps}
+
+
+def modulate(x: Tensor, norm: nn.LayerNorm, shift: Optional[Tensor], scale: Optional[Tensor],
+             ops: OpBackends) -> Tensor:  # fmt: skip
+    """``norm(x) * (1 + scale) + shift``: x [B, S, D], shift/scale [B, D] / [B, 1, D] (None: left out); one
+    layernorm_modulate launch, statistics in fp32."""
+    return layernorm_modulate(x, shift, scale, **layernorm_kwargs(norm), backend=ops.fused)
+
+
+def gated_feed_forward(h: Tensor, attn: Tensor, mod: Sequence[Tensor], norm: nn.LayerNorm, ff: nn.Module,
+                       ops: OpBackends) -> Tensor:  # fmt: skip
+    """An adaLN-Zero block's tail on one stream, ``mod = (gate_msa, shift_mlp, scale_mlp, gate_mlp)``:
+    ``h += gate_msa * attn; h += gate_mlp * ff(norm(h) * (1 + scale_mlp) + shift_mlp)``. [B, S, D];
+    two launches (gated_residual_layernorm_modulate, gated_residual) around the model's own ``ff``."""
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+    h, normed = gated_residual_layernorm_modulate(h, attn, gate_msa, shift_mlp, scale_mlp, **layernorm_kwargs(norm),
+                                                  backend=ops.fused)  # fmt: skip
+    return gated_residual(h, ff(normed), gate_mlp, backend=ops.fused)
+
+
+def clip_fp16(x: Tensor) -> Tensor:
+    """What diffusers does after some residuals in fp16: ``x.clip(-65504, 65504)`` (an overflow becomes
+    the largest finite value, not inf). In place on our own fresh output; other dtypes pass unchanged."""
+    return x.clamp_(-FP16_MAX, FP16_MAX) if x.dtype == torch.float16 else x
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -177,3 +258,78 @@ def joint_buffers(
                      out_q=q, out_k=k, out_v=v, seq_offset=offset, backend=ops.fused)  # fmt: skip
         offset += s.query.shape[1]
     return q, k, v
+
+
+class FusedAttnProcessor:
+    """diffusers' ``AttnProcessor2_0`` / ``HunyuanAttnProcessor2_0`` on a legacy ``Attention`` (DiT, PixArt,
+    HunyuanDiT; self- or cross-attention), with the per-head q/k norm and RoPE in one ``qk_norm_rope`` launch.
+
+    ``attn(hidden_states [B, Sq, D], encoder_hidden_states [B, Skv, C] | None, attention_mask,
+    image_rotary_emb (cos, sin) [Sq, Dh] | None)``: q = to_q(h), k/v = to_k/to_v(context, or h);
+    ``norm_q``/``norm_k`` over Dh; RoPE (interleaved pairs) on q, and on k only for self-attention, as
+    HunyuanDiT's processor does; ``joint_attention`` with diffusers' scale 1/sqrt(Dh); ``to_out``.
+    Nothing to normalise or rotate: attention runs on views of the projections (no copy).
+
+    ``attention_mask``: the key-padding masks these models pass ([B, Skv] / [B, 1, Skv], bool or additive,
+    as PixArt builds from ``encoder_attention_mask``). Any other mask (per-query rows) goes to the
+    original processor, logged once: correct, not fused. ``validate_legacy_attention`` checks the module
+    options this processor leaves out (spatial/group norm, residual connection, output rescale) are off."""
+
+    def __init__(self, original: object, ops: OpBackends):
+        self.original = original
+        self.ops = ops
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        temb: Optional[Tensor] = None,
+        image_rotary_emb: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> Tensor:
+        if attention_mask is not None and not _is_key_padding(attention_mask, hidden_states.shape[0]):
+            _log_once(f"{type(self).__name__}: attention mask of shape {tuple(attention_mask.shape)} is not a "
+                      "key-padding mask; running diffusers' processor for it")  # fmt: skip
+            kwargs = {"image_rotary_emb": image_rotary_emb} if image_rotary_emb is not None else {}
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = (split_heads(proj(x), attn.heads) for proj, x in
+                   ((attn.to_q, hidden_states), (attn.to_k, context), (attn.to_v, context)))  # fmt: skip
+        norm = qk_norm_kwargs(attn.norm_q, attn.norm_k)
+        if norm["norm"] is not None or image_rotary_emb is not None:
+            cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+            q, k = qk_norm_rope(q, k, **norm, cos=cos, sin=sin, rope_k=not attn.is_cross_attention,
+                                backend=self.ops.fused)  # fmt: skip
+        out = joint_attention(q, k, v, mask=attention_mask, backend=self.ops.attention).flatten(-2)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def validate_legacy_attention(attn: nn.Module, processor_cls: type, name: str, family: str) -> None:
+    """``attn`` is diffusers' stock ``Attention`` with ``processor_cls`` and no option FusedAttnProcessor
+    leaves out; its q/k norms are ones qk_norm_rope reproduces."""
+    from diffusers.models.attention_processor import Attention
+
+    check_type(attn, Attention, name, family)
+    check_type(attn.processor, processor_cls, f"{name}.processor", family)
+    options = {"spatial_norm": attn.spatial_norm is not None, "group_norm": attn.group_norm is not None,
+               "norm_cross": bool(attn.norm_cross), "residual_connection": attn.residual_connection,
+               "rescale_output_factor != 1": attn.rescale_output_factor != 1.0}  # fmt: skip
+    unsupported = [option for option, on in options.items() if on]
+    if unsupported:
+        raise ValueError(f"{family}: {name} uses {', '.join(unsupported)}, which the fused processor does not")
+    check_qk_norms(attn, [("norm_q", "norm_k")], name, family)
+
+
+def _is_key_padding(mask: Tensor, batch: int) -> bool:
+    """[B, Skv], [B, 1, Skv] or [B, 1, 1, Skv]: one row of key weights per sample."""
+    return mask.shape[0] == batch and all(size == 1 for size in mask.shape[1:-1])
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logging.getLogger("dit_kernels").warning(message)
