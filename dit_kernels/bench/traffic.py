@@ -8,6 +8,15 @@ ops of its reference implementation are not counted, and whatever the patched fo
 (the GEMMs, SiLU of the conditioning, ...) is counted like eager's. GEMMs (matmuls, convolutions) and
 attention are listed apart from the rest ("other"): the fused kernels target the other part.
 
+The roofline floor of the "other" part (``Floor``, from the eager walk) is what a perfectly fused
+implementation of it must still move with the GEMMs and attention left as they are. Its ops split into
+fusion groups by GEMM depth: each op goes in the group just before the first GEMM/attention launch that
+(directly or through other "other" ops) needs its result, i.e. it is scheduled as late as possible, so
+ops of one group could be one kernel and ops of different groups cannot (a GEMM sits between them). Each
+group reads every tensor it takes from outside the group once (block inputs, parameters, GEMM/attention
+outputs, earlier groups' results) and writes once every tensor needed outside it (by a GEMM, attention, a
+later group, or the block's caller); a tensor passing between ops of one group costs nothing.
+
 ``python -m dit_kernels.bench.traffic`` prints the table; the H100 column is the "other" bytes at 3.35 TB/s.
 """
 
@@ -32,10 +41,11 @@ GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution", "mat
 NO_LAUNCH_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
                  "_unsafe_view", "alias", "clone_if_needed", "_local_scalar_dense", "sym_size", "sym_stride"}  # fmt: skip
 
-# Real shapes of the issue: (latent height, width) at 1024 px (DiT-XL/2 at 256 px), text tokens.
+# Real shapes of the issue: (latent height, width) at 1024 px (DiT-XL/2 at 256 px), text tokens (HunyuanDiT:
+# the cross-attention's 77 CLIP + 256 T5 tokens; its inputs take the lengths from the config).
 REAL_SHAPES = {"dit": zoo.Shape(1, 32, 32, 0), "pixart": zoo.Shape(1, 128, 128, 300),
                "sd3": zoo.Shape(1, 128, 128, 333), "flux": zoo.Shape(1, 64, 64, 512),
-               "hunyuan": zoo.Shape(1, 128, 128, 77)}  # fmt: skip
+               "hunyuan": zoo.Shape(1, 128, 128, 77 + 256)}  # fmt: skip
 # Enough blocks to see each block kind once (SD3's last block is context_pre_only; HunyuanDiT's second
 # half takes long skips; FLUX has double and single blocks).
 REAL_DEPTH = {"dit": {"num_layers": 1}, "pixart": {"num_layers": 1}, "sd3": {"num_layers": 2},
@@ -59,11 +69,87 @@ class PathCounts:
     launches: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
     ops: Counter = field(default_factory=Counter)
+    floor: "Floor" = field(default_factory=lambda: Floor())
 
     def add(self, kind: str, name: str, moved: int) -> None:
         self.launches[kind] += 1
         self.bytes[kind] += moved
         self.ops[name] += 1
+
+
+@dataclass
+class _Op:
+    kind: str
+    inputs: list
+    outputs: list
+    depth: int = 0  # GEMM/attention launches on the longest path from the block's inputs
+    group: int = 0
+
+
+@dataclass
+class Floor:
+    """The roofline floor of a block's "other" part, from the ops it sees (the grouping: module doc).
+
+    Tensors are identified by their storage, so a view is the tensor it views; a tensor's size is the
+    largest view of it seen. Every tensor seen is kept alive while the block runs, so that no storage
+    address is reused for another tensor (meta tensors cost no memory)."""
+
+    ops: list = field(default_factory=list)
+    block_outputs: list = field(default_factory=list)
+
+    def see(self, kind: str, inputs, outputs) -> None:
+        self.ops.append(_Op(kind, list(_tensors(inputs)), list(_tensors(outputs))))
+
+    def finish(self, block_outputs) -> None:
+        self.block_outputs = list(_tensors(block_outputs))
+
+    @property
+    def bytes(self) -> int:
+        producer, depth = {}, {}
+        for op in self.ops:  # ASAP depth, forwards
+            op.depth = max((depth.get(_storage(t), 0) for t in op.inputs), default=0)
+            for t in op.outputs:
+                producer[_storage(t)], depth[_storage(t)] = op, op.depth + (op.kind != "other")
+        end = max((op.depth for op in self.ops), default=0)
+        latest = {_storage(t): end for t in self.block_outputs}
+        for op in reversed(self.ops):  # as late as the first GEMM/attention needing the result allows
+            op.group = min((latest.get(_storage(t), end) for t in op.outputs), default=end)
+            reach = op.group if op.kind == "other" else op.depth
+            for t in op.inputs:
+                latest[_storage(t)] = min(latest.get(_storage(t), end), reach)
+        reads, writes = {}, {}
+        for op in self.ops:
+            for t in op.inputs:
+                made_by = producer.get(_storage(t))
+                from_group = made_by is not None and made_by.kind == "other" and made_by.group == op.group
+                if op.kind == "other" and not from_group:
+                    _keep_largest(reads, (op.group, _storage(t)), t)
+                if made_by is not None and made_by.kind == "other" and not (op.kind == "other" and from_group):
+                    _keep_largest(writes, _storage(t), t)
+        for t in self.block_outputs:
+            made_by = producer.get(_storage(t))
+            if made_by is not None and made_by.kind == "other":
+                _keep_largest(writes, _storage(t), t)
+        return sum(reads.values()) + sum(writes.values())
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _keep_largest(sizes: dict, key, t: torch.Tensor) -> None:
+    sizes[key] = max(sizes.get(key, 0), t.numel() * t.element_size())
 
 
 class _BlockScopedCounter(TorchDispatchMode):
@@ -84,7 +170,9 @@ class _BlockScopedCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         kind = category(func)
         if kind and self.counting():
-            self.current.add(kind, func.overloadpacket.__name__, _moved(args, kwargs, out))
+            read = (args, {k: v for k, v in (kwargs or {}).items() if k != "out"})  # out=: written, not read
+            self.current.add(kind, func.overloadpacket.__name__, _moved(*read, out))
+            self.current.floor.see(kind, read, out)
         return out
 
 
@@ -105,6 +193,7 @@ class _SdpaAsOneLaunch(TorchFunctionMode):
         finally:
             self.counter.inside_sdpa = False
         self.counter.current.add("attention", "scaled_dot_product_attention", _moved(args, kwargs, out))
+        self.counter.current.floor.see("attention", (args, kwargs), out)
         return out
 
 
@@ -139,7 +228,9 @@ def count_blocks(model: torch.nn.Module, inputs: dict, tracer: LaunchTracer | No
         counter.current = None if kind in results else results.setdefault(kind, PathCounts())
         launches_before[0] = len(tracer.launches) if tracer else 0
 
-    def leave(block, *_):
+    def leave(block, _args, output):
+        if counter.current is not None:
+            counter.current.floor.finish(output)
         if counter.current is not None and tracer is not None:
             for launch in tracer.launches[launches_before[0] :]:
                 kind = "attention" if launch.name == "joint_attention" else "other"
@@ -172,22 +263,29 @@ def family_counts(family: str, dtype=torch.bfloat16) -> tuple[dict[str, PathCoun
 def table(families=FAMILY_MODULES, dtype=torch.bfloat16) -> str:
     rows = [
         "| block | tokens | path | GEMM launches | attention launches | other launches | other MB | "
-        "other launches vs eager | other bytes vs eager | other at 3.35 TB/s (us) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "other launches vs eager | other bytes vs eager | other bytes vs floor | other at 3.35 TB/s (us) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for family in families:
         shape = REAL_SHAPES[family]
         eager, patched = family_counts(family, dtype)
         for kind in eager:
             for path, counts in (("eager", eager[kind]), ("patched", patched[kind])):
-                launches = counts.launches["other"] / max(1, eager[kind].launches["other"])
-                moved = counts.bytes["other"] / max(1, eager[kind].bytes["other"])
-                rows.append(
-                    f"| {family}: {kind} | {_tokens(family, shape)} | {path} | {counts.launches['gemm']} | "
-                    f"{counts.launches['attention']} | {counts.launches['other']} | {counts.bytes['other'] / 1e6:.1f} "
-                    f"| {launches:.0%} | {moved:.0%} | {counts.bytes['other'] / H100_HBM_BYTES_PER_S * 1e6:.1f} |"
-                )
+                rows.append(_row(f"{family}: {kind}", _tokens(family, shape), path, counts, eager[kind]))
+            rows.append(_row(f"{family}: {kind}", _tokens(family, shape), "floor", None, eager[kind]))
     return "\n".join(rows)
+
+
+def _row(block: str, tokens: str, path: str, counts: PathCounts | None, eager: PathCounts) -> str:
+    """One table row; ``counts`` None: the roofline floor (bytes only)."""
+    moved = eager.floor.bytes if counts is None else counts.bytes["other"]
+    launches = ["-"] * 3 if counts is None else [counts.launches[k] for k in ("gemm", "attention", "other")]
+    vs_launches = "-" if counts is None else f"{counts.launches['other'] / max(1, eager.launches['other']):.0%}"
+    return (
+        f"| {block} | {tokens} | {path} | {' | '.join(map(str, launches))} | {moved / 1e6:.1f} | {vs_launches} | "
+        f"{moved / max(1, eager.bytes['other']):.0%} | {moved / max(1, eager.floor.bytes):.2f}x | "
+        f"{moved / H100_HBM_BYTES_PER_S * 1e6:.1f} |"
+    )
 
 
 def _tokens(family: str, shape: zoo.Shape) -> str:
