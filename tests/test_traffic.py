@@ -1,5 +1,5 @@
-"""The traffic model's roofline floor (dit_kernels.bench.traffic.Floor) on hand-built op sequences, and as a
-bound on every registered family's patched blocks."""
+"""The traffic model's roofline floor (dit_kernels.bench.traffic.Floor) on hand-built op sequences, and the
+floor and patched traffic of every registered family's blocks against eager's."""
 
 import pytest
 import torch
@@ -44,11 +44,14 @@ def test_floor_schedules_independent_ops_late():
 
 
 @pytest.mark.parametrize("family", FAMILY_MODULES)
-def test_floor_bounds_patched_and_patched_moves_less_than_eager(family):
+def test_floor_and_patched_move_less_than_eager(family):
+    """The floor is below eager's traffic, and so is the patched block. (Patched may go below the floor: the
+    floor keeps the GEMMs as they are, and a patcher may make a GEMM write where the next op reads, as the
+    SD3 patcher's projections into the joint attention buffers do.)"""
     eager, patched = traffic.family_counts(family)
     for kind in eager:
-        floor = eager[kind].floor.bytes
-        assert 0 < floor <= patched[kind].bytes["other"] <= eager[kind].bytes["other"], kind
+        assert 0 < eager[kind].floor.bytes < eager[kind].bytes["other"], kind
+        assert patched[kind].bytes["other"] < eager[kind].bytes["other"], kind
 
 
 def test_table_has_a_floor_row_per_block_kind():
