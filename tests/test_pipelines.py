@@ -63,7 +63,7 @@ CASES = {
     )
 }  # fmt: skip
 BF16_CASES = ("dit_cfg", "pixart_cfg", "sd3_cfg", "sd35", "flux", "hunyuan_cfg")
-TRITON_CASES = ("dit_cfg", "flux")  # the interpreter is slow: one step each
+TRITON_CASES = ("dit_cfg", "pixart_cfg", "sd3_cfg", "flux", "hunyuan_cfg")  # the interpreter is slow: one step each
 
 
 def _has_patcher(name: str) -> bool:

@@ -73,11 +73,12 @@ def test_triton_matches_reference(case):
 
 @pytest.mark.parametrize("seq", [(1, 1), (77, 77), (333, 77), (1, 333)])
 def test_odd_sequence_lengths_and_q_only_rope(seq):
-    """HunyuanDiT's cross-attention: LayerNorm on q (image) and k (text), RoPE on q only, Sq != Sk."""
+    """HunyuanDiT's cross-attention: LayerNorm on q (image) and k (text), RoPE on q only, Sq != Sk; the
+    table has the image's rows only (k, unrotated, may be longer)."""
     require_triton()
     dtype, dim = torch.bfloat16, 88
     q, k, _ = qkv(dtype, dim, sq=seq[0], sk=seq[1], batch=1, heads=3)
-    cos, sin = tables(dim, "interleaved")
+    cos, sin = tables(dim, "interleaved", rows=seq[0])
     kwargs = dict(norm="layer", cos=cos, sin=sin, rope_k=False, **norm_params(dtype, dim, "layer"))
     actual, expected = run_both("triton", q, k, **kwargs)
     for a, e in zip(actual, expected):

@@ -101,13 +101,14 @@ def test_norm_with_and_without_weight_and_bias(norm, affine):
 @pytest.mark.parametrize("seq", [(1, 1), (77, 77), (1, 77), (77, 1)], ids=lambda s: f"Sq{s[0]}-Sk{s[1]}")
 def test_sequence_lengths_and_q_only_rope(seq):
     """Odd and unequal sequence lengths (more rows than the emulated grid's 24 warps: the grid-stride
-    loop); RoPE on q only (HunyuanDiT's cross-attention), with and without V."""
+    loop); RoPE on q only (HunyuanDiT's cross-attention: a table of the image's rows only), with and
+    without V."""
     dtype, dim = torch.bfloat16, 88
     q, k, v = qkv(dtype, dim, sq=seq[0], sk=seq[1], heads=1, seed=1)
     params = vectors(dtype, dim)
     what = f"Sq={seq[0]} Sk={seq[1]}"
     actual, _ = check_against_reference("cuda_emu", q, k, what, v=v, norm="layer", rope_k=False,
-                                        **rope_kwargs(dim, "interleaved"), **params)  # fmt: skip
+                                        **rope_kwargs(dim, "interleaved", rows=seq[0]), **params)  # fmt: skip
     unrotated = qk_norm_rope(q, k, norm="layer", **params, backend="torch")[1]
     assert_same_math(actual[1], unrotated, what=f"k without RoPE {what}")
     check_against_reference("cuda_emu", q, k, f"{what} no v", norm="rms", seq_offset=5,

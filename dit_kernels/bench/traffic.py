@@ -39,7 +39,8 @@ from dit_kernels.models import FAMILY_MODULES, family_of
 from dit_kernels.models.shared import OpBackends, Patcher
 from dit_kernels.ops.launch_trace import LaunchTracer, tensor_bytes
 
-GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution", "matmul"}
+# _addmm_activation: a GEMM with its bias + GELU in the epilogue (cuBLASLt), as the SD3 patcher's FeedForward runs.
+GEMM_OPS = {"mm", "addmm", "_addmm_activation", "bmm", "baddbmm", "convolution", "_convolution", "matmul"}
 NO_LAUNCH_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
                  "_unsafe_view", "alias", "clone_if_needed", "_local_scalar_dense", "sym_size", "sym_stride"}  # fmt: skip
 
@@ -48,10 +49,11 @@ NO_LAUNCH_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty
 REAL_SHAPES = {"dit": zoo.Shape(1, 32, 32, 0), "pixart": zoo.Shape(1, 128, 128, 300),
                "sd3": zoo.Shape(1, 128, 128, 333), "flux": zoo.Shape(1, 64, 64, 512),
                "hunyuan": zoo.Shape(1, 128, 128, 77 + 256)}  # fmt: skip
-# Enough blocks to see each block kind once (SD3's last block is context_pre_only; HunyuanDiT's second
-# half takes long skips; FLUX has double and single blocks).
-REAL_DEPTH = {"dit": {"num_layers": 1}, "pixart": {"num_layers": 1}, "sd3": {"num_layers": 2},
-              "flux": {"num_layers": 1, "num_single_layers": 1}, "hunyuan": {"num_layers": 4}}  # fmt: skip
+# Every block kind (SD3's last block is context_pre_only; HunyuanDiT's second half takes long skips; FLUX has
+# double and single blocks), twice where the model allows: the last block of each kind is the one counted,
+# since what only the first block of a kind does once per call is not what every block costs.
+REAL_DEPTH = {"dit": {"num_layers": 2}, "pixart": {"num_layers": 2}, "sd3": {"num_layers": 3},
+              "flux": {"num_layers": 2, "num_single_layers": 2}, "hunyuan": {"num_layers": 4}}  # fmt: skip
 
 
 def category(func) -> str | None:
@@ -220,14 +222,14 @@ def _blocks(model: torch.nn.Module):
 
 
 def count_blocks(model: torch.nn.Module, inputs: dict, tracer: LaunchTracer | None = None) -> dict[str, PathCounts]:
-    """Run ``model(**inputs)`` once; per block kind, the counts of its first block of that kind."""
+    """Run ``model(**inputs)`` once; per block kind, the counts of its last block of that kind."""
     counter = _BlockScopedCounter(tracer)
     results: dict[str, PathCounts] = {}
     hooks, launches_before = [], [0]
 
     def enter(block, *_):
         kind = block_kind(block)
-        counter.current = None if kind in results else results.setdefault(kind, PathCounts())
+        counter.current = results[kind] = PathCounts()  # the last block of each kind is the one kept
         launches_before[0] = len(tracer.launches) if tracer else 0
 
     def leave(block, _args, output):

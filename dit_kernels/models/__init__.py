@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import importlib
 
-# Families with a patcher so far; DiT, PixArt, SD3/3.5 and HunyuanDiT are not patched yet (patch refuses them
-# with the list of supported classes).
-FAMILY_MODULES = ("flux",)
+# Families with a patcher: all five (DiT, PixArt, SD3/3.5, FLUX, HunyuanDiT); patch refuses any other class
+# with the list of supported classes.
+FAMILY_MODULES = ("dit", "pixart", "sd3", "flux", "hunyuan")
 
 
 def families():

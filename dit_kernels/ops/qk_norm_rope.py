@@ -350,7 +350,7 @@ if triton is not None:
 # ------------------------------------------------------------------------------------ validation
 
 
-def _validate(q, k, v, weights: dict, cos, sin, out: dict, norm, rope, seq_offset) -> None:
+def _validate(q, k, v, weights: dict, cos, sin, out: dict, norm, rope, seq_offset, rope_q: bool, rope_k: bool) -> None:
     for name, t in {"q": q, "k": k}.items():
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a [B, S, H, Dh] tensor, got {getattr(t, 'shape', type(t).__name__)}")
@@ -376,18 +376,19 @@ def _validate(q, k, v, weights: dict, cos, sin, out: dict, norm, rope, seq_offse
         if t is not None and tuple(t.shape) != (dim,):
             raise ValueError(f"{name} must have shape [{dim}], got {tuple(t.shape)}")
     if cos is not None:
-        _validate_tables(cos, sin, q, k, seq_offset)
+        _validate_tables(cos, sin, q, k, seq_offset, rope_q, rope_k)
     _validate_outputs(out, {"out_q": q, "out_k": k, "out_v": v}, seq_offset)
 
 
-def _validate_tables(cos, sin, q, k, seq_offset) -> None:
+def _validate_tables(cos, sin, q, k, seq_offset, rope_q: bool, rope_k: bool) -> None:
     dim = q.shape[-1]
     if dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {dim}")
     for name, t in {"cos": cos, "sin": sin}.items():
         if t.dim() != 2 or t.shape[1] != dim or not t.is_floating_point() or t.device != q.device:
             raise ValueError(f"{name} must be a float [S_table, {dim}] table on {q.device}, got {t.dtype} {tuple(t.shape)}")
-    needed = seq_offset + max(q.shape[1], k.shape[1])
+    # only the rotated tensors' rows are read (HunyuanDiT's cross-attention: q only, k may be longer)
+    needed = seq_offset + max(q.shape[1] if rope_q else 0, k.shape[1] if rope_k else 0)
     if cos.shape[0] < needed or sin.shape[0] < needed:
         raise ValueError(f"cos/sin have {cos.shape[0]} rows; rows up to seq_offset + S = {needed} are read")
 
@@ -452,7 +453,7 @@ def qk_norm_rope(
     tensors, or, when the ``out_*`` joint buffers are given, the views of them that were written."""
     weights = {"q_weight": q_weight, "k_weight": k_weight, "q_bias": q_bias, "k_bias": k_bias}
     outputs = {"out_q": out_q, "out_k": out_k, "out_v": out_v}
-    _validate(q, k, v, weights, cos, sin, outputs, norm, rope, seq_offset)
+    _validate(q, k, v, weights, cos, sin, outputs, norm, rope, seq_offset, rope_q, rope_k)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     cos, sin = (None, None) if cos is None else rope_tables(cos, sin)
     backend = backends.resolve(backend, q.device)

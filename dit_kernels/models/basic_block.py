@@ -1,0 +1,171 @@
+"""diffusers' ``BasicTransformerBlock`` on fused ops, shared by DiT (``norm_type="ada_norm_zero"``) and
+PixArt-α/Σ (``"ada_norm_single"``), diffusers 0.42.
+
+A family supplies a ``BlockLayout``: its norm type, where the six modulation tensors come from
+(``shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp``, [B, D] or [B, 1, D]), which
+LayerNorm precedes the self-attention and which the feed-forward, and whether the block may have a
+cross-attention. Per block, h [B, S, D]::
+
+    x     = layernorm_modulate(h, shift_msa, scale_msa)               # attn_norm (DiT norm1.norm, PixArt norm1)
+    a     = attn1(x, attention_mask)                                   # FusedAttnProcessor
+    if attn2 (PixArt: cross-attention to the text on the *un-normalised* h, no gate, as diffusers does):
+        h = gated_residual(h, a, gate_msa)
+        a = attn2(h, encoder_hidden_states, encoder_attention_mask)    # mask: additive bias [B, 1, T]
+        gate_msa = None
+    h, x2 = gated_residual_layernorm_modulate(h, a, gate_msa, shift_mlp, scale_mlp)  # ff_norm (DiT norm3, PixArt norm2)
+    h     = gated_residual(h, ff(x2), gate_mlp)
+
+DiT: 3 fused launches per block, PixArt: 4. Non-GEMM launches per block (``dit_kernels.bench.traffic``, bf16,
+real shapes): DiT-XL/2 31 -> 21, of which 15 are the timestep/class embedding both paths recompute in every
+block; PixArt 20 -> 9. The attention modules, the FeedForward (chunked as diffusers chunks it after
+``set_chunk_feed_forward``) and every Linear are the model's own (peft LoRA keeps working); only the
+LayerNorms' eps/weight/bias are read.
+``validate_blocks`` refuses every block option whose path this forward does not take.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Callable, Optional
+
+from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
+from diffusers.models.attention_processor import AttnProcessor2_0
+from torch import Tensor, nn
+
+from dit_kernels.models.shared import (
+    FusedAttnProcessor,
+    OpBackends,
+    check_type,
+    check_unwrapped,
+    gated_feed_forward,
+    modulate,
+    validate_legacy_attention,
+)
+from dit_kernels.ops import gated_residual
+
+# (block, hidden_states [B, S, D], timestep, class_labels) -> the six modulation tensors, diffusers' order
+Modulation = Callable[[BasicTransformerBlock, Tensor, Optional[Tensor], Optional[Tensor]], tuple[Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """What differs between the families that use ``BasicTransformerBlock``.
+
+    ``attn_norm`` / ``ff_norm``: dotted paths (from the block) of the LayerNorms before attn1 and before the
+    feed-forward; ``cross_attention``: whether attn2 (on the un-normalised h, ungated) may be present;
+    ``check``: the family's own module checks, ``check(block, name)`` raising ValueError."""
+
+    family: str
+    norm_type: str
+    modulation: Modulation
+    attn_norm: str
+    ff_norm: str
+    cross_attention: bool
+    check: Callable[[BasicTransformerBlock, str], None]
+
+
+# ----------------------------------------------------------------------------------------- validate
+
+
+def validate_blocks(transformer: nn.Module, layout: BlockLayout) -> None:
+    """Every ``transformer.transformer_blocks[i]`` is one the fused forward reproduces exactly."""
+    for i, block in enumerate(transformer.transformer_blocks):
+        validate_block(block, layout, f"transformer_blocks.{i}")
+
+
+def validate_block(block: nn.Module, layout: BlockLayout, name: str) -> None:
+    """Stock, unhooked BasicTransformerBlock of the layout's norm type, none of the options the fused forward
+    leaves out, plain LayerNorms, the family's own checks, attentions with AttnProcessor2_0."""
+    family = layout.family
+    check_type(block, BasicTransformerBlock, name, family)
+    check_unwrapped(block, name, family)
+    if block.norm_type != layout.norm_type:
+        raise ValueError(f"{family}: {name} has norm_type={block.norm_type!r}, expected {layout.norm_type!r}")
+    options = {
+        "only_cross_attention": block.only_cross_attention,
+        "double_self_attention": block.double_self_attention,
+        "positional_embeddings": block.pos_embed is not None,
+        "a GLIGEN fuser (attention_type 'gated')": hasattr(block, "fuser"),
+        "a cross-attention (attn2)": block.attn2 is not None and not layout.cross_attention,
+    }
+    unsupported = [option for option, on in options.items() if on]
+    if unsupported:
+        raise ValueError(f"{family}: {name} uses {', '.join(unsupported)}, which the fused {family} block does not")
+    layout.check(block, name)
+    for path in (layout.attn_norm, layout.ff_norm):
+        _check_layer_norm(attrgetter(path)(block), f"{name}.{path}", family)
+    for attn in ("attn1", "attn2"):
+        if getattr(block, attn) is not None:
+            validate_legacy_attention(getattr(block, attn), AttnProcessor2_0, f"{name}.{attn}", family)
+
+
+def _check_layer_norm(norm: nn.Module, name: str, family: str) -> None:
+    """A plain LayerNorm over the last dim (affine or not, any eps: layernorm_modulate reads them)."""
+    check_type(norm, nn.LayerNorm, name, family)
+    if len(norm.normalized_shape) != 1:
+        raise ValueError(f"{family}: {name} normalises over {tuple(norm.normalized_shape)}, expected the last dim only")
+
+
+# ----------------------------------------------------------------------------------------- apply
+
+
+def apply_blocks(transformer: nn.Module, patcher, layout: BlockLayout) -> None:
+    """Swap every block's forward and its attention processors for the fused ones."""
+    forward = block_forward(patcher.ops, layout)
+    for block in transformer.transformer_blocks:
+        patcher.replace_forward(block, forward, _fused_ops(block))
+        for attn in (block.attn1, block.attn2):
+            if attn is not None:
+                patcher.set_processor(attn, FusedAttnProcessor(attn.processor, patcher.ops))
+
+
+def _fused_ops(block: BasicTransformerBlock) -> str:
+    residuals = "gated_residual x2" if block.attn2 is not None else "gated_residual"
+    return f"layernorm_modulate, gated_residual_layernorm_modulate, {residuals}"
+
+
+def block_forward(ops: OpBackends, layout: BlockLayout):
+    """BasicTransformerBlock.forward (same signature) on fused ops: the math in the module docstring."""
+    attn_norm, ff_norm = attrgetter(layout.attn_norm), attrgetter(layout.ff_norm)
+
+    def forward(
+        block,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        encoder_hidden_states: Optional[Tensor] = None,
+        encoder_attention_mask: Optional[Tensor] = None,
+        timestep: Optional[Tensor] = None,
+        cross_attention_kwargs: Optional[dict] = None,
+        class_labels: Optional[Tensor] = None,
+        added_cond_kwargs: Optional[dict] = None,
+    ) -> Tensor:
+        shift_msa, scale_msa, gate_msa, *mlp = layout.modulation(block, hidden_states, timestep, class_labels)
+        kwargs = _attention_kwargs(cross_attention_kwargs)
+        normed = modulate(hidden_states, attn_norm(block), shift_msa, scale_msa, ops)
+        attn = block.attn1(normed, encoder_hidden_states=None, attention_mask=attention_mask, **kwargs)
+        if block.attn2 is not None:
+            hidden_states = gated_residual(hidden_states, attn, gate_msa, backend=ops.fused)
+            attn = block.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                               attention_mask=encoder_attention_mask, **kwargs)  # fmt: skip
+            gate_msa = None
+        return gated_feed_forward(hidden_states, attn, (gate_msa, *mlp), ff_norm(block), _feed_forward(block), ops)
+
+    return forward
+
+
+def _attention_kwargs(cross_attention_kwargs: Optional[dict]) -> dict:
+    """What the block passes on to its attentions: ``cross_attention_kwargs`` without GLIGEN's entry, which
+    would need the fuser ``validate_block`` refuses (diffusers raises on it too, having no fuser)."""
+    kwargs = dict(cross_attention_kwargs or {})
+    if kwargs.pop("gligen", None) is not None:
+        raise ValueError("cross_attention_kwargs['gligen'] needs a GLIGEN fuser, which this block does not have")
+    return kwargs
+
+
+def _feed_forward(block: BasicTransformerBlock) -> Callable[[Tensor], Tensor]:
+    """``block.ff``, or diffusers' chunked application of it after ``block.set_chunk_feed_forward``."""
+    if block._chunk_size is None:
+        return block.ff
+    return functools.partial(_chunked_feed_forward, block.ff, chunk_dim=block._chunk_dim, chunk_size=block._chunk_size)

@@ -1,0 +1,56 @@
+"""PixArt-α / PixArt-Σ patcher: ``PixArtTransformer2DModel``, diffusers 0.42 (α: ``use_additional_conditions``
+with resolution and aspect-ratio embeddings; Σ: without; the patched blocks are the same).
+
+Each block is a ``BasicTransformerBlock`` with ``norm_type="ada_norm_single"`` (the fused forward of
+``basic_block``, 4 launches per block). The transformer's ``adaln_single`` gives every block the same
+``timestep`` [B, 6 D]; the block adds its ``scale_shift_table`` [6, D]:
+``(scale_shift_table[None] + timestep.reshape(B, 6, D)).chunk(6, dim=1)`` -> shift_msa, scale_msa,
+gate_msa, shift_mlp, scale_mlp, gate_mlp [B, 1, D] (in the model dtype, as diffusers adds them). norm1
+(LayerNorm, eps ``norm_eps``) before the self-attention; the cross-attention reads the un-normalised h and
+its output is added ungated; norm2 before the feed-forward. The text mask reaches attn2 as the additive bias
+[B, 1, T] the transformer builds from ``encoder_attention_mask``.
+
+Text K/V of the cross-attention are the same at every step of a pipeline call, but they are recomputed
+per step: the transformer projects the caption anew in every call, so reusing them would need a value
+comparison, not an identity check.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from diffusers import PixArtTransformer2DModel
+from diffusers.models.attention import BasicTransformerBlock
+from torch import Tensor
+
+from dit_kernels.models import basic_block
+
+FAMILY = "pixart"
+TRANSFORMER_CLASS = PixArtTransformer2DModel
+
+
+def _modulation(block: BasicTransformerBlock, hidden_states: Tensor, timestep: Optional[Tensor],
+                class_labels: Optional[Tensor]) -> tuple[Tensor, ...]:  # fmt: skip
+    """The six [B, 1, D] chunks of ``scale_shift_table[None] + timestep.reshape(B, 6, D)``."""
+    return (block.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).chunk(6, dim=1)
+
+
+def _check(block: BasicTransformerBlock, name: str) -> None:
+    expected = (6, block.dim)
+    if tuple(block.scale_shift_table.shape) != expected:
+        raise ValueError(f"pixart: {name}.scale_shift_table has shape {tuple(block.scale_shift_table.shape)}, "
+                         f"expected {expected}")  # fmt: skip
+
+
+LAYOUT = basic_block.BlockLayout(FAMILY, "ada_norm_single", _modulation, attn_norm="norm1", ff_norm="norm2",
+                                 cross_attention=True, check=_check)  # fmt: skip
+
+
+def validate(transformer: PixArtTransformer2DModel) -> None:
+    """Raise ValueError naming the first block or module the fused path would not reproduce."""
+    basic_block.validate_blocks(transformer, LAYOUT)
+
+
+def apply(transformer: PixArtTransformer2DModel, patcher) -> None:
+    """Swap every block's forward and its self- and cross-attention processors."""
+    basic_block.apply_blocks(transformer, patcher, LAYOUT)

@@ -1,0 +1,371 @@
+"""SD3 / SD3.5 patcher: ``SD3Transformer2DModel``'s ``JointTransformerBlock`` on fused ops.
+
+Per block, on the image stream ``h`` [B, S, D] and the text stream ``c`` [B, T, D], with
+``img = norm1.linear(silu(temb)).chunk(6)`` (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp;
+9 chunks with SD3.5's dual attention: then shift_msa2, scale_msa2, gate_msa2) and ``txt`` likewise from
+``norm1_context``::
+
+    x, x_c  = layernorm_modulate(h, shift_msa, scale_msa), same on c            # norm1, norm1_context
+    a, a_c  = attn(x, x_c)                                                     # SD3FusedAttnProcessor
+    [dual:  x2 = layernorm_modulate(h, shift_msa2, scale_msa2)                 # from the block's *input*
+            h  = gated_residual(h, a, gate_msa); a, gate_msa = attn2(x2), gate_msa2]
+    h, y    = gated_residual_layernorm_modulate(h, a, gate_msa, shift_mlp, scale_mlp)    # + norm2
+    h       = gated_residual(h, ff(y), gate_mlp)
+    c       = the same tail on the text stream (norm2_context, ff_context)
+
+The last block (``context_pre_only``): ``norm1_context`` is AdaLayerNormContinuous, ``scale, shift =
+linear(silu(temb)).chunk(2)`` (that order), the text stream only feeds the attention's keys and values
+and the block returns ``(None, h)``. diffusers clips nothing in these blocks (no fp16 clip), and runs
+``ff`` in chunks after ``enable_forward_chunking``: so does the patched block (same ``_chunked_feed_forward``).
+
+``silu(temb)``: every AdaLN of every block applies its own SiLU to the same ``temb``. The patched
+``time_text_embed`` computes it once per call (``_SiluOfTemb``) and each block reuses it when handed that
+very tensor; eager per block: 2 SiLU launches, patched: none.
+
+Attention (``JointAttnProcessor2_0``: concatenation order **[image, text]**, no RoPE, no mask: it ignores
+``attention_mask``): each stream's q/k/v land in joint [B, S + T, H, Dh] buffers without ``torch.cat``:
+with per-head q/k norms (SD3.5's RMSNorm) through one ``qk_norm_rope`` launch per stream; without (SD3)
+the projections' GEMMs write straight into the buffers when they are plain ``nn.Linear`` (no launch at
+all besides the GEMMs), else one ``qk_norm_rope`` copy launch per stream. SD3.5's ``attn2`` (image
+self-attention) attends on views of its projections when it has no norm.
+
+FeedForward (tanh GELU): on CUDA, ``proj`` + GELU run as one ``torch._addmm_activation`` GEMM (cuBLASLt's
+GELU_BIAS epilogue) when ``proj`` is a plain unhooked ``nn.Linear`` at inference; elsewhere the module runs.
+
+Every Linear, FeedForward and Dropout stays the model's own module, called as such except in the two
+direct paths above, which read a plain unhooked ``nn.Linear``'s weight and bias in place (never copied);
+peft LoRA keeps working: a LoRA layer is not a plain ``nn.Linear``, so it is called as a module.
+``validate`` refuses anything else (a custom, IP-adapter or fused-QKV processor, another norm type, a
+forward already wrapped by a hook) before anything changes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers import SD3Transformer2DModel
+from diffusers.models.activations import GELU
+from diffusers.models.attention import FeedForward, JointTransformerBlock, _chunked_feed_forward
+from diffusers.models.attention_processor import Attention, FusedJointAttnProcessor2_0, JointAttnProcessor2_0
+from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
+from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
+from torch import Tensor, nn
+
+from dit_kernels.models.shared import (
+    OpBackends,
+    Stream,
+    check_qk_norms,
+    check_type,
+    check_unwrapped,
+    fused_joint_attention,
+    gated_feed_forward,
+    joint_buffers,
+    modulate,
+)
+from dit_kernels.ops import gated_residual, joint_attention
+
+FAMILY = "sd3"
+TRANSFORMER_CLASS = SD3Transformer2DModel
+
+_IMAGE = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
+_TEXT = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+
+
+# ----------------------------------------------------------------------------------------- validate
+
+
+def validate(transformer: SD3Transformer2DModel) -> None:
+    """Raise ValueError naming the first module or config value the fused path would not reproduce."""
+    _check_unwrapped(transformer.time_text_embed, "time_text_embed")
+    _check_type(transformer.time_text_embed, CombinedTimestepTextProjEmbeddings, "time_text_embed")
+    for i, block in enumerate(transformer.transformer_blocks):
+        _validate_block(block, f"transformer_blocks.{i}")
+
+
+def _validate_block(block: nn.Module, name: str) -> None:
+    _check_type(block, JointTransformerBlock, name)
+    _check_unwrapped(block, name)
+    _check_ada_norm(block.norm1, SD35AdaLayerNormZeroX if block.use_dual_attention else AdaLayerNormZero,
+                    f"{name}.norm1")  # fmt: skip
+    context_norm = AdaLayerNormContinuous if block.context_pre_only else AdaLayerNormZero
+    _check_ada_norm(block.norm1_context, context_norm, f"{name}.norm1_context")
+    for norm in ("norm2",) + ("norm2_context",) * (not block.context_pre_only):
+        _check_type(getattr(block, norm), nn.LayerNorm, f"{name}.{norm}")
+    _validate_attention(block.attn, f"{name}.attn", joint=True, context_pre_only=block.context_pre_only)
+    if block.use_dual_attention:
+        _validate_attention(block.attn2, f"{name}.attn2", joint=False, context_pre_only=None)
+
+
+def _check_ada_norm(norm: nn.Module, cls: type, name: str) -> None:
+    """The AdaLN ``cls`` with a plain LayerNorm and SiLU, conditioned on ``temb`` (no embedding of its own)."""
+    _check_type(norm, cls, name)
+    _check_type(norm.norm, nn.LayerNorm, f"{name}.norm")
+    _check_type(norm.silu, nn.SiLU, f"{name}.silu")
+    if getattr(norm, "emb", None) is not None:
+        raise ValueError(f"sd3: {name} embeds its own timestep/class (AdaLayerNormZero.emb); not SD3's")
+
+
+def _validate_attention(attn: nn.Module, name: str, joint: bool, context_pre_only: Optional[bool]) -> None:
+    """diffusers' Attention with JointAttnProcessor2_0: text projections iff ``joint``, and a text output
+    projection iff the block is not ``context_pre_only``; per-head q/k norms qk_norm_rope reproduces."""
+    _check_type(attn, Attention, name)
+    if type(attn.processor) is FusedJointAttnProcessor2_0:
+        raise ValueError(
+            f"sd3: {name} uses fused QKV projections (FusedJointAttnProcessor2_0 after fuse_qkv_projections()), "
+            "which the sd3 patcher does not reproduce; call transformer.unfuse_qkv_projections() before patch"
+        )
+    _check_type(attn.processor, JointAttnProcessor2_0, f"{name}.processor")
+    if (attn.added_kv_proj_dim is not None) != joint or attn.context_pre_only != context_pre_only:
+        raise ValueError(
+            f"sd3: {name} has added_kv_proj_dim={attn.added_kv_proj_dim}, context_pre_only={attn.context_pre_only}; "
+            f"expected {'text projections' if joint else 'none'} and context_pre_only={context_pre_only} "
+            "as JointTransformerBlock builds it"
+        )
+    check_qk_norms(attn, [("norm_q", "norm_k")] + [("norm_added_q", "norm_added_k")] * joint, name, FAMILY)
+
+
+def _check_type(module: object, cls: type, name: str) -> None:
+    check_type(module, cls, name, FAMILY)
+
+
+def _check_unwrapped(module: nn.Module, name: str) -> None:
+    check_unwrapped(module, name, FAMILY)
+
+
+# ----------------------------------------------------------------------------------------- apply
+
+
+def apply(transformer: SD3Transformer2DModel, patcher) -> None:
+    """Swap time_text_embed's forward, every block's forward and every attention processor."""
+    silu = _SiluOfTemb()
+    patcher.replace_forward(transformer.time_text_embed, _time_text_embed_forward(silu), "silu(temb) once per call")
+    forward = _block_forward(patcher.ops, silu)
+    for block in transformer.transformer_blocks:
+        patcher.replace_forward(block, forward, _fused_ops(block))
+        for attn in (block.attn, block.attn2):
+            if attn is not None:
+                patcher.set_processor(attn, SD3FusedAttnProcessor(attn.processor, patcher.ops))
+
+
+def _fused_ops(block: JointTransformerBlock) -> str:
+    """The block's fused launches, for the report."""
+    dual, text_tail = int(block.use_dual_attention), int(not block.context_pre_only)
+    counts = {"layernorm_modulate": 2 + dual, "gated_residual_layernorm_modulate": 1 + text_tail,
+              "gated_residual": 1 + text_tail + dual}  # fmt: skip
+    return ", ".join(op if n == 1 else f"{op} x{n}" for op, n in counts.items())
+
+
+class _SiluOfTemb:
+    """``silu(temb)`` computed once per transformer call and shared by every AdaLN of every block.
+
+    The patched ``time_text_embed`` remembers the ``temb`` it returns and its SiLU; ``of(temb)`` returns
+    that SiLU when handed the very same tensor, and computes it otherwise (a block called on its own).
+    Under torch.compile nothing is remembered: the compiler sees every SiLU and merges what it can."""
+
+    def __init__(self):
+        self.temb: Optional[Tensor] = None
+        self.silu: Optional[Tensor] = None
+
+    def remember(self, temb: Tensor) -> None:
+        if not torch.compiler.is_compiling():
+            self.temb, self.silu = temb, F.silu(temb)
+
+    def of(self, temb: Tensor) -> Tensor:
+        if temb is self.temb and not torch.compiler.is_compiling():
+            return self.silu
+        return F.silu(temb)
+
+
+def _time_text_embed_forward(silu: _SiluOfTemb):
+    """CombinedTimestepTextProjEmbeddings.forward, remembering ``silu(temb)`` for the blocks."""
+
+    def forward(embed, timestep, pooled_projection):
+        temb = CombinedTimestepTextProjEmbeddings.forward(embed, timestep, pooled_projection)
+        silu.remember(temb)
+        return temb
+
+    return forward
+
+
+def _block_forward(ops: OpBackends, silu: _SiluOfTemb):
+    """JointTransformerBlock.forward on fused ops (the math in the module docstring)."""
+
+    def forward(block, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+        joint_attention_kwargs = joint_attention_kwargs or {}
+        conditioning = silu.of(temb)
+        img = block.norm1.linear(conditioning).chunk(9 if block.use_dual_attention else 6, dim=1)
+        txt = _context_modulation(block, conditioning, encoder_hidden_states.dtype)
+        attn_img, attn_txt = block.attn(
+            hidden_states=modulate(hidden_states, block.norm1.norm, img[0], img[1], ops),
+            encoder_hidden_states=modulate(encoder_hidden_states, block.norm1_context.norm, txt[0], txt[1], ops),
+            **joint_attention_kwargs,
+        )
+        residual, tail = hidden_states, img[2:6]
+        if block.use_dual_attention:  # attn2 normalises the block's input, its residual follows attn's
+            normed2 = modulate(hidden_states, block.norm1.norm, img[6], img[7], ops)
+            residual = gated_residual(hidden_states, attn_img, img[2], backend=ops.fused)
+            attn_img, tail = block.attn2(hidden_states=normed2, **joint_attention_kwargs), (img[8], *img[3:6])
+        hidden_states = gated_feed_forward(residual, attn_img, tail, block.norm2, _feed_forward(block, block.ff), ops)
+        if block.context_pre_only:
+            return None, hidden_states
+        encoder_hidden_states = gated_feed_forward(encoder_hidden_states, attn_txt, txt[2:], block.norm2_context,
+                                                   _feed_forward(block, block.ff_context), ops)  # fmt: skip
+        return encoder_hidden_states, hidden_states
+
+    return forward
+
+
+def _context_modulation(block: JointTransformerBlock, conditioning: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """``norm1_context``'s modulation chunks [B, D] in AdaLayerNormZero's order (shift_msa, scale_msa, gate_msa,
+    shift_mlp, scale_mlp, gate_mlp), or, in the context_pre_only block, AdaLayerNormContinuous's (shift,
+    scale): its Linear gives (scale, shift), from silu(temb) cast to the text stream's ``dtype``."""
+    norm = block.norm1_context
+    if block.context_pre_only:
+        scale, shift = norm.linear(conditioning.to(dtype)).chunk(2, dim=1)
+        return shift, scale
+    return norm.linear(conditioning).chunk(6, dim=1)
+
+
+def _feed_forward(block: JointTransformerBlock, ff: nn.Module):
+    """``ff`` as diffusers calls it: in chunks when ``enable_forward_chunking`` set a chunk size, else whole
+    (with its GELU in the first GEMM's epilogue where that reproduces it: ``_feed_forward_gelu_epilogue``)."""
+    if block._chunk_size is not None:
+        return functools.partial(_chunked_feed_forward, ff, chunk_dim=block._chunk_dim, chunk_size=block._chunk_size)
+    return functools.partial(_feed_forward_gelu_epilogue, ff)
+
+
+def _feed_forward_gelu_epilogue(ff: nn.Module, x: Tensor) -> Tensor:
+    """``ff(x)`` for x [B, S, D]; when ``_gelu_fits_epilogue``, ``gelu_tanh(proj(x))`` is one
+    ``torch._addmm_activation`` GEMM (cuBLASLt's GELU_BIAS epilogue: the [B, S, 4D] activation is written
+    once and never re-read by a GELU kernel), then ``ff``'s own Dropout and output Linear."""
+    if not _gelu_fits_epilogue(ff, x):
+        return ff(x)
+    proj = ff.net[0].proj
+    hidden = torch._addmm_activation(proj.bias, x.flatten(0, -2), proj.weight.t(), use_gelu=True)
+    hidden = hidden.unflatten(0, x.shape[:-1])
+    for module in ff.net[1:]:
+        hidden = module(hidden)
+    return hidden
+
+
+def _gelu_fits_epilogue(ff: nn.Module, x: Tensor) -> bool:
+    """FeedForward(activation_fn="gelu-approximate") whose ``net[0].proj`` is a plain biased nn.Linear, nothing
+    hooked, eager inference, on CUDA: ``_addmm_activation``'s GELU is the tanh approximation there, the exact
+    erf GELU on CPU (so CPU calls the module); "meta" stands for CUDA in the shape-only traffic model."""
+    act = ff.net[0] if type(ff) is FeedForward else None
+    return (
+        x.device.type in ("cuda", "meta")
+        and type(act) is GELU
+        and act.approximate == "tanh"
+        and _is_plain_linear(act.proj)
+        and act.proj.bias is not None
+        and not _is_hooked(ff)
+        and not _is_hooked(act)
+        and _plain_inference(x)
+    )
+
+
+# ----------------------------------------------------------------------------------------- attention
+
+
+class SD3FusedAttnProcessor:
+    """JointAttnProcessor2_0 with the streams' q/k norms and their concatenation fused (module docstring).
+
+    ``attn(hidden_states [B, S, D], encoder_hidden_states [B, T, D] | None)``: joint [B, S + T, H, Dh]
+    q/k/v with the image stream (``to_*``, ``norm_*``) at rows 0..S-1 and the text stream (``add_*_proj``,
+    ``norm_added_*``) after it; ``joint_attention`` (scale 1/sqrt(Dh)); ``to_out`` on the image rows and
+    ``to_add_out`` on the text rows (or the text rows as they are in a context_pre_only block, as diffusers
+    returns them). Without ``encoder_hidden_states`` (SD3.5's attn2): self-attention of the image stream.
+    ``attention_mask``, ``*args`` and ``**kwargs`` are accepted and ignored, as JointAttnProcessor2_0 does."""
+
+    def __init__(self, original: JointAttnProcessor2_0, ops: OpBackends):
+        self.original = original
+        self.ops = ops
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor = None,
+        attention_mask: Optional[Tensor] = None,
+        *args,
+        **kwargs,
+    ):
+        if encoder_hidden_states is None:
+            out = fused_joint_attention([_stream(attn, hidden_states, _IMAGE)], attn.heads, self.ops)
+            return attn.to_out[1](attn.to_out[0](out))
+        inputs = ((hidden_states, _IMAGE), (encoder_hidden_states, _TEXT))
+        if _projects_into_buffers(attn, hidden_states):
+            q, k, v = _projected_joint_buffers(attn, inputs)
+        else:
+            q, k, v = joint_buffers([_stream(attn, x, names) for x, names in inputs], attn.heads, self.ops)
+        out = joint_attention(q, k, v, backend=self.ops.attention).flatten(2)
+        img, txt = out.split_with_sizes([hidden_states.shape[1], encoder_hidden_states.shape[1]], dim=1)
+        img = attn.to_out[1](attn.to_out[0](img))
+        return img, txt if attn.context_pre_only else attn.to_add_out(txt)
+
+
+def _stream(attn: Attention, x: Tensor, names: tuple[str, ...]) -> Stream:
+    """One stream's projections of ``x`` and its q/k norms (attribute ``names``: q, k, v, norm_q, norm_k)."""
+    return Stream(*(getattr(attn, n)(x) for n in names[:3]), *(getattr(attn, n) for n in names[3:]))
+
+
+def _projects_into_buffers(attn: Attention, x: Tensor) -> bool:
+    """Whether the six projections can write straight into the joint buffers: no q/k norm to apply, plain
+    unhooked ``nn.Linear`` modules (not a peft LoRA layer), eager inference."""
+    norms = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+    linears = [getattr(attn, n) for names in (_IMAGE, _TEXT) for n in names[:3]]
+    return (
+        all(getattr(attn, n) is None for n in norms)
+        and all(_is_plain_linear(linear) for linear in linears)
+        and _plain_inference(x)
+    )
+
+
+def _plain_inference(x: Tensor) -> bool:
+    """Eager inference: the direct GEMM paths' condition. Under autograd (out= GEMMs record none), the
+    compiler (it plans its own buffers and fusions) or autocast (which casts module calls only) the modules
+    are called instead."""
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or autocast)
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not _is_hooked(module)
+
+
+def _is_hooked(module: nn.Module) -> bool:
+    """A forward hook, pre-hook or instance forward (diffusers/accelerate hooks) would be bypassed by
+    reading the module's parameters instead of calling it."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def _projected_joint_buffers(attn: Attention, inputs) -> tuple[Tensor, Tensor, Tensor]:
+    """Joint q, k, v [B, S + T, H, Dh] filled by the streams' projection GEMMs themselves (no copy)."""
+    first = inputs[0][0]
+    batch, total = first.shape[0], sum(x.shape[1] for x, _ in inputs)
+    weight = attn.to_q.weight
+    buffers = [first.new_empty(batch, total, weight.shape[0]) for _ in range(3)]
+    offset = 0
+    for x, names in inputs:
+        rows = slice(offset, offset + x.shape[1])
+        for buffer, name in zip(buffers, names[:3]):
+            _linear_into(getattr(attn, name), x, buffer[:, rows])
+        offset += x.shape[1]
+    return tuple(buffer.unflatten(-1, (attn.heads, -1)) for buffer in buffers)
+
+
+def _linear_into(linear: nn.Linear, x: Tensor, out: Tensor) -> None:
+    """``out = linear(x)`` for x [B, S, Din] into ``out`` [B, S, Dout] (rows contiguous, a slice of a joint
+    buffer): one GEMM (addmm; baddbmm for B > 1) writing there."""
+    weight = linear.weight.t()
+    if x.shape[0] == 1:
+        x, out = x[0], out[0]
+        gemm = torch.mm if linear.bias is None else functools.partial(torch.addmm, linear.bias)
+    else:
+        weight = weight.expand(x.shape[0], -1, -1)
+        gemm = torch.bmm if linear.bias is None else functools.partial(torch.baddbmm, linear.bias)
+    gemm(x, weight, out=out)

@@ -1,0 +1,225 @@
+"""DiT patcher (dit_kernels.models.dit, on the shared BasicTransformerBlock forward of models.basic_block):
+whole-model parity (square latents: DiT takes no other), batch 1 and 2 with per-sample timesteps and class
+labels (the null class of CFG included), every dtype, torch and triton backends, with and without norm3's
+affine parameters; the report and unpatch; the block forward's signature and the processor's kwargs; refusals
+that change nothing; peft LoRA; chunked feed-forward; torch.compile."""
+
+import inspect
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+
+import dit_kernels
+from dit_kernels.models.shared import FusedAttnProcessor
+from patch_parity import FP32_ATOL, FP32_RTOL, assert_patched_parity, assert_unchanged, forward, snapshot
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+VARIANTS = {
+    "xl": {},  # DiT-XL/2's layout: norm3 without affine, eps 1e-5
+    "affine": {"norm_elementwise_affine": True, "norm_eps": 1e-6, "out_channels": 8},  # learned-sigma output
+}
+
+
+def tiny_dit(**overrides) -> DiTTransformer2DModel:
+    """DESIGN.md §4's tiny DiT, seeded."""
+    torch.manual_seed(0)
+    config = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, sample_size=8,
+                  patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_elementwise_affine=False)
+    return DiTTransformer2DModel(**{**config, **overrides}).eval()
+
+
+def dit_inputs(dtype: torch.dtype, batch: int = 2) -> dict:
+    """Seeded latents [B, 4, 8, 8]; per-sample timesteps and class labels (1000: CFG's null class)."""
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(batch, 4, 8, 8, generator=generator).to(dtype),
+        "timestep": torch.tensor([981, 250])[:batch],
+        "class_labels": torch.tensor([207, 1000])[:batch],
+    }
+
+
+# ----------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_patched_parity(variant, batch, dtype, backend):
+    report = assert_patched_parity(
+        lambda: tiny_dit(**VARIANTS[variant]),
+        lambda d: dit_inputs(d, batch),
+        dtype=dtype,
+        backend=backend,
+        what=f"dit {variant} B={batch} {dtype} {backend}",
+    )
+    assert report.family == "dit" and not report.fallbacks
+
+
+def test_report_lists_every_replacement_and_unpatch_restores_processors():
+    model = tiny_dit()
+    processors = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = dit_kernels.patch(model, backend="torch")
+    fused = "layernorm_modulate, gated_residual_layernorm_modulate, gated_residual"
+    assert report.replaced == [item for i in range(2) for item in (f"transformer_blocks.{i}.forward: {fused}",
+                               f"transformer_blocks.{i}.attn1.processor: FusedAttnProcessor")]  # fmt: skip
+    assert list(processors) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert all(type(model.get_submodule(n).processor) is FusedAttnProcessor for n in processors)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "patch changed the state dict"
+    dit_kernels.unpatch(model)
+    assert all(model.get_submodule(n).processor is p for n, p in processors.items())
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_block_forward_and_processor_signatures_match_diffusers():
+    """The patched block forward takes exactly BasicTransformerBlock.forward's parameters (names, order,
+    defaults: DiT's gradient-checkpointing path calls it positionally); the processor names every named
+    parameter of AttnProcessor2_0 (diffusers' Attention.forward drops kwargs the processor does not name)."""
+    model = tiny_dit()
+    dit_kernels.patch(model, backend="torch")
+    ours = inspect.signature(model.transformer_blocks[0].forward).parameters
+    theirs = inspect.signature(BasicTransformerBlock.forward).parameters
+    assert [(p.name, p.default, p.kind) for p in ours.values()] == [
+        (p.name, p.default, p.kind) for p in list(theirs.values())[1:]
+    ]
+    named = [p for p, v in inspect.signature(AttnProcessor2_0.__call__).parameters.items()
+             if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]  # fmt: skip
+    assert list(inspect.signature(FusedAttnProcessor.__call__).parameters)[: len(named)] == named
+
+
+def test_gradient_checkpointing_path_calls_blocks_positionally():
+    """DiT's training path passes the block's arguments positionally: the patched forward takes them so."""
+    model = tiny_dit()
+    inputs = dit_inputs(torch.float32)
+    truth = forward(model, inputs)
+    model.enable_gradient_checkpointing()
+    dit_kernels.patch(model, backend="torch")
+    out = model(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(out.detach(), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
+def test_chunked_feed_forward_matches():
+    """``set_chunk_feed_forward``: the patched block applies the FeedForward in chunks as diffusers does."""
+    model = tiny_dit()
+    for block in model.transformer_blocks:
+        block.set_chunk_feed_forward(4, dim=1)
+    inputs = dit_inputs(torch.float32)
+    truth = forward(model, inputs)
+    dit_kernels.patch(model, backend="torch")
+    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    for block in model.transformer_blocks:
+        block.set_chunk_feed_forward(3, dim=1)  # 16 tokens: not divisible, diffusers' own error
+    with pytest.raises(ValueError, match="has to be divisible by chunk size"):
+        forward(model, inputs)
+
+
+# ----------------------------------------------------------------------------------------- refusals
+
+
+class CustomProcessor(AttnProcessor2_0):
+    """A user's processor: a subclass, so only an exact type check catches it."""
+
+
+def _custom_processor(model):
+    model.transformer_blocks[1].attn1.set_processor(CustomProcessor())
+
+
+def _rms_norm3(model):
+    model.transformer_blocks[0].norm3 = torch.nn.RMSNorm(model.inner_dim)
+
+
+def _other_norm_type(model):
+    model.transformer_blocks[1].norm_type = "ada_norm"  # diffusers' forward would take its AdaLayerNorm path
+
+
+def _hooked_block(model):
+    HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[1]).register_hook(ModelHook(), "spy")
+
+
+def _positional_embeddings(model):
+    """A block option DiT's config never sets; diffusers' forward would add it to the normed input."""
+    model.transformer_blocks[0].pos_embed = SinusoidalPositionalEmbedding(model.inner_dim, 16)
+
+
+def _rescaled_attention(model):
+    model.transformer_blocks[0].attn1.rescale_output_factor = 2.0
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_custom_processor, r"transformer_blocks\.1\.attn1\.processor is .*CustomProcessor, expected .*AttnProc"),
+        (_rms_norm3, r"transformer_blocks\.0\.norm3 is torch\.nn\..*RMSNorm, expected .*LayerNorm"),
+        (_other_norm_type, r"transformer_blocks\.1 has norm_type='ada_norm', expected 'ada_norm_zero'"),
+        (_hooked_block, r"transformer_blocks\.1\.forward is already wrapped"),
+        (_positional_embeddings, r"transformer_blocks\.0 uses positional_embeddings"),
+        (_rescaled_attention, r"transformer_blocks\.0\.attn1 uses rescale_output_factor != 1"),
+    ],
+    ids=["custom-processor", "rms-norm", "norm-type", "hooked-forward", "positional-embeddings", "attention-option"],
+)
+def test_unrecognised_model_refused_and_unchanged(mutate, message):
+    model = tiny_dit()
+    mutate(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        dit_kernels.patch(model, backend="torch")
+    assert not dit_kernels.is_patched(model)
+    assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------------------- LoRA, compile
+
+
+def test_lora_before_patch_matches_eager():
+    """peft LoRA (random B) on every Linear the patched path calls, the per-block timestep/class embedding's
+    and the modulation's included: patched fp32 equals eager fp32 of the adapted model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inputs = dit_inputs(torch.float32)
+    plain = forward(tiny_dit(), inputs)
+    model = tiny_dit()
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "norm1.linear", "linear_1", "linear_2", "ff.net.0.proj", "ff.net.2"]
+    model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False),
+                                    model)  # DiTTransformer2DModel has no add_adapter (no PeftAdapterMixin)
+    truth = forward(model, inputs)
+    assert not torch.allclose(truth, plain), "the adapter should change the output"
+    dit_kernels.patch(model, backend="torch")
+    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
+def test_patched_model_under_torch_compile_matches_eager():
+    model = tiny_dit()
+    inputs = dit_inputs(torch.float32)
+    truth = forward(model, inputs)
+    dit_kernels.patch(model, backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=False)
+    torch.testing.assert_close(forward(compiled, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
+def test_timestep_projection_is_shared_within_a_call_and_recomputed_for_a_new_timestep():
+    """The sinusoidal projection is computed once per call by the first block, not once per block,
+    and again for a new timestep, also one written in place into the same tensor (a loop that reuses it)."""
+    model = tiny_dit()
+    inputs = dit_inputs(torch.float32)
+    dit_kernels.patch(model, backend="torch")
+    calls = []
+    for block in model.transformer_blocks:
+        block.norm1.emb.time_proj.register_forward_hook(lambda module, args, out: calls.append(module))
+    for t in (999.0, 500.0, 3.0):
+        inputs["timestep"].fill_(t)
+        ours = forward(model, inputs)
+        dit_kernels.unpatch(model)
+        truth = forward(model, inputs)
+        dit_kernels.patch(model, backend="torch")
+        torch.testing.assert_close(ours, truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    # per step: patched, the first block's projection once (the memo) + once for the output layer, which
+    # DiTTransformer2DModel.forward conditions with transformer_blocks[0].norm1.emb; eager, every block + that
+    first, second = (block.norm1.emb.time_proj for block in model.transformer_blocks)
+    assert calls == [first, first, first, second, first] * 3

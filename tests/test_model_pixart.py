@@ -1,0 +1,199 @@
+"""PixArt patcher (dit_kernels.models.pixart, on the shared BasicTransformerBlock forward of
+models.basic_block): whole-model parity of PixArt-Σ (no additional conditions) and PixArt-α (resolution and
+aspect-ratio conditions, sample_size 128) on non-square latents with padded prompts, batch 1 and 2 with
+per-sample timesteps, every dtype, torch and triton backends; the text mask (and a self-attention mask)
+reaching the fused attention; the report and unpatch; refusals that change nothing (fused QKV projections
+included); peft LoRA; torch.compile. The block forward's signature and the processor's kwargs are checked
+in test_model_dit.py (the same forward and processor)."""
+
+import pytest
+import torch
+from diffusers import PixArtTransformer2DModel
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.normalization import FP32LayerNorm
+
+import dit_kernels
+from dit_kernels.models.shared import FusedAttnProcessor
+from patch_parity import FP32_ATOL, FP32_RTOL, assert_patched_parity, assert_unchanged, forward, snapshot
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TEXT_LEN = 7
+LATENT = (8, 12)  # latent rows x cols: a non-square image, 4 x 6 patches
+CAPTION_CHANNELS = 32
+TINY = {  # DESIGN.md §4's tiny PixArt (Σ); α: sample_size 128 turns use_additional_conditions on, and its
+    # size embedding needs a width divisible by 3 (resolution: 2 x D/3, aspect ratio: D/3)
+    "sigma": dict(num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, sample_size=8,
+                  use_additional_conditions=False),
+    "alpha": dict(num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24, sample_size=128),
+}  # fmt: skip
+
+
+def tiny_pixart(variant: str = "sigma", **overrides) -> PixArtTransformer2DModel:
+    torch.manual_seed(0)
+    config = dict(in_channels=4, out_channels=8, num_layers=2, caption_channels=CAPTION_CHANNELS, patch_size=2,
+                  norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, **TINY[variant])
+    model = PixArtTransformer2DModel(**{**config, **overrides}).eval()
+    assert model.use_additional_conditions == (variant == "alpha")
+    return model
+
+
+def text_mask(batch: int) -> torch.Tensor:
+    """[B, T] keep (1) / pad (0), as the pipeline's tokenizer gives: the first sample's prompt is padded."""
+    return torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1] * TEXT_LEN])[:batch]
+
+
+def pixart_inputs(dtype: torch.dtype, batch: int = 2, variant: str = "sigma") -> dict:
+    """Seeded inputs, per-sample timesteps; α gets per-sample resolution [B, 2] and aspect ratio [B, 1]."""
+    generator = torch.Generator().manual_seed(1)
+    conditions = {"resolution": None, "aspect_ratio": None}
+    if variant == "alpha":
+        conditions = {"resolution": torch.tensor([[64.0, 96.0], [96.0, 64.0]])[:batch].to(dtype),
+                      "aspect_ratio": torch.tensor([[1.5], [0.5]])[:batch].to(dtype)}  # fmt: skip
+    return {
+        "hidden_states": torch.randn(batch, 4, *LATENT, generator=generator).to(dtype),
+        "encoder_hidden_states": torch.randn(batch, TEXT_LEN, CAPTION_CHANNELS, generator=generator).to(dtype),
+        "encoder_attention_mask": text_mask(batch),
+        "timestep": torch.tensor([981, 250])[:batch],
+        "added_cond_kwargs": conditions,
+    }
+
+
+# ----------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("variant", list(TINY))
+def test_patched_parity(variant, batch, dtype, backend):
+    report = assert_patched_parity(
+        lambda: tiny_pixart(variant),
+        lambda d: pixart_inputs(d, batch, variant),
+        dtype=dtype,
+        backend=backend,
+        what=f"pixart {variant} B={batch} {dtype} {backend}",
+    )
+    assert report.family == "pixart" and not report.fallbacks
+
+
+def _padded(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive bias [B, 1, T] the transformer builds from a [B, T] mask (keep 0, pad -10000)."""
+    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masks_reach_the_fused_attention(backend):
+    """The padded prompt changes eager's output, and the patched model follows it: the text mask given as
+    [B, T] or as the [B, 1, T] bias; a key-padding mask over image tokens for the self-attention too."""
+    model = tiny_pixart()
+    inputs = pixart_inputs(torch.float32)
+    image_mask = torch.ones(2, 24, dtype=torch.long)
+    image_mask[1, 5:11] = 0
+    cases = {
+        "text": inputs,
+        "text bias": {**inputs, "encoder_attention_mask": _padded(inputs["encoder_attention_mask"], torch.float32)},
+        "image": {**inputs, "attention_mask": image_mask},
+    }
+    unmasked = forward(model, {**inputs, "encoder_attention_mask": None})
+    truths = {name: forward(model, case) for name, case in cases.items()}
+    assert not torch.allclose(truths["text"], unmasked), "the padded prompt should change the output"
+    assert not torch.allclose(truths["image"], truths["text"]), "the image mask should change the output"
+    dit_kernels.patch(model, backend=backend)
+    for name, case in cases.items():
+        torch.testing.assert_close(forward(model, case), truths[name], rtol=FP32_RTOL, atol=FP32_ATOL, msg=name)
+
+
+def test_report_lists_every_replacement_and_unpatch_restores_processors():
+    model = tiny_pixart()
+    processors = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    report = dit_kernels.patch(model, backend="torch")
+    fused = "layernorm_modulate, gated_residual_layernorm_modulate, gated_residual x2"
+    expected = []
+    for i in range(2):
+        expected += [f"transformer_blocks.{i}.forward: {fused}",
+                     f"transformer_blocks.{i}.attn1.processor: FusedAttnProcessor",
+                     f"transformer_blocks.{i}.attn2.processor: FusedAttnProcessor"]  # fmt: skip
+    assert report.replaced == expected and len(processors) == 4
+    assert all(type(model.get_submodule(n).processor) is FusedAttnProcessor for n in processors)
+    dit_kernels.unpatch(model)
+    assert all(model.get_submodule(n).processor is p for n, p in processors.items())
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------- refusals
+
+
+class CustomProcessor(AttnProcessor2_0):
+    """A user's processor: a subclass, so only an exact type check catches it."""
+
+
+def _custom_processor(model):
+    model.transformer_blocks[0].attn2.set_processor(CustomProcessor())
+
+
+def _fp32_layer_norm(model):
+    """A LayerNorm subclass computing in fp32: an exact type check refuses what it has not verified."""
+    model.transformer_blocks[1].norm2 = FP32LayerNorm(model.inner_dim, elementwise_affine=False, eps=1e-6)
+
+
+def _hooked_block(model):
+    HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0]).register_hook(ModelHook(), "spy")
+
+
+def _fused_qkv(model):
+    model.fuse_qkv_projections()
+
+
+@pytest.mark.parametrize(
+    "build, mutate, message",
+    [
+        (tiny_pixart, _custom_processor,
+         r"transformer_blocks\.0\.attn2\.processor is .*CustomProcessor, expected .*AttnProcessor2_0"),
+        (tiny_pixart, _fp32_layer_norm, r"transformer_blocks\.1\.norm2 is .*FP32LayerNorm, expected .*LayerNorm"),
+        (tiny_pixart, _hooked_block, r"transformer_blocks\.0\.forward is already wrapped"),
+        (tiny_pixart, _fused_qkv,
+         r"transformer_blocks\.0\.attn1\.processor is .*FusedAttnProcessor2_0, expected .*AttnProcessor2_0"),
+        (lambda: tiny_pixart(attention_type="gated"), lambda model: None,
+         r"transformer_blocks\.0 uses a GLIGEN fuser"),
+    ],
+    ids=["custom-processor", "fp32-layer-norm", "hooked-forward", "fused-qkv", "gated-attention-config"],
+)  # fmt: skip
+def test_unrecognised_model_refused_and_unchanged(build, mutate, message):
+    model = build()
+    mutate(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        dit_kernels.patch(model, backend="torch")
+    assert not dit_kernels.is_patched(model)
+    assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------------------- LoRA, compile
+
+
+def test_lora_before_patch_matches_eager():
+    """peft LoRA (random B) on the attention projections (self and cross), the feed-forward and the caption
+    projection: patched fp32 equals eager fp32 of the adapted model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inputs = pixart_inputs(torch.float32)
+    plain = forward(tiny_pixart(), inputs)
+    model = tiny_pixart()
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "linear_1", "linear_2"]
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False)
+    model = inject_adapter_in_model(config, model)
+    truth = forward(model, inputs)
+    assert not torch.allclose(truth, plain), "the adapter should change the output"
+    dit_kernels.patch(model, backend="torch")
+    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
+def test_patched_model_under_torch_compile_matches_eager():
+    model = tiny_pixart()
+    inputs = pixart_inputs(torch.float32)
+    truth = forward(model, inputs)
+    dit_kernels.patch(model, backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=False)
+    torch.testing.assert_close(forward(compiled, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
