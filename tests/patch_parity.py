@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
+import pytest
 import torch
 
 import dit_kernels
@@ -72,3 +73,12 @@ def assert_unchanged(model: torch.nn.Module, before: tuple) -> None:
     for (name, _, attrs), (_, _, attrs_before) in zip(layout, before[1]):
         assert attrs.keys() == attrs_before.keys(), f"{name}: instance attributes changed"
         assert all(attrs[k] is attrs_before[k] for k in attrs if k not in ("_parameters", "_buffers")), name
+
+
+def assert_refused_unchanged(model: torch.nn.Module, message: str, backend: str = "torch") -> None:
+    """``patch`` raises ValueError matching ``message`` and leaves ``model`` exactly as it was."""
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        dit_kernels.patch(model, backend=backend)
+    assert not dit_kernels.is_patched(model)
+    assert_unchanged(model, before)
