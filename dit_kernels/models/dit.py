@@ -46,16 +46,16 @@ class _SinusoidMemo:
     projection is recorded in every block, as diffusers does)."""
 
     def __init__(self):
-        self.key, self.value = None, None
+        self.entry: Optional[tuple] = None  # (timestep, its _version, projection config, projection)
 
     def __call__(self, time_proj: nn.Module, timestep: Tensor) -> Tensor:
         if torch.compiler.is_compiling() or _capturing():
             return time_proj(timestep)
         config = (time_proj.num_channels, time_proj.flip_sin_to_cos, time_proj.downscale_freq_shift, time_proj.scale)
-        key = (timestep, timestep._version, config)
-        if self.key is None or self.key[0] is not timestep or self.key[1:] != key[1:]:
-            self.key, self.value = key, time_proj(timestep)
-        return self.value
+        entry = self.entry  # one read: another thread replacing it cannot mix two entries
+        if entry is None or entry[0] is not timestep or entry[1:3] != (timestep._version, config):
+            entry = self.entry = (timestep, timestep._version, config, time_proj(timestep))
+        return entry[3]
 
 
 def _capturing() -> bool:
