@@ -341,3 +341,23 @@ def test_lora_and_fused_projections(prepare):
     assert not torch.allclose(truth, plain), "the modification should change the output"
     dit_kernels.patch(model, backend="torch")
     torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_parity_with_gelu_in_the_gemm_epilogue(monkeypatch):
+    """On CUDA each double block's FeedForward runs proj + tanh-GELU as one torch._addmm_activation (cuBLASLt
+    GELU epilogue: shared.feed_forward); default backends (Triton kernels): within the eager bf16 bound."""
+    from tolerances import assert_within_eager_bound
+
+    epilogues = []
+    real = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **kw: epilogues.append(1) or real(*a, **kw))
+    model = tiny_flux().cuda()
+    truth = forward(model, {k: v.cuda() for k, v in flux_inputs(torch.float32).items()})
+    model = model.to(torch.bfloat16)
+    inputs = {k: v.cuda() for k, v in flux_inputs(torch.bfloat16).items()}
+    eager = forward(model, inputs)
+    dit_kernels.patch(model)
+    ours = forward(model, inputs)
+    assert len(epilogues) == 2 * len(model.transformer_blocks), "image and text FeedForward of each double block"
+    assert_within_eager_bound(ours, eager, truth, what="flux cuda bf16")

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dit_kernels
 from dit_kernels.bench import zoo
-from dit_kernels.models import sd3
+from dit_kernels.models import sd3, shared
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_patched_parity, assert_refused_unchanged, forward
 from tolerances import assert_within_eager_bound
 
@@ -166,11 +166,11 @@ def test_gelu_goes_into_the_gemm_epilogue_only_where_that_is_tanh_gelu():
     ff = model.transformer_blocks[0].ff
     x = torch.empty(1, 3, model.inner_dim)
     with torch.no_grad():
-        assert sd3._gelu_fits_epilogue(ff, x.to("meta")) and not sd3._gelu_fits_epilogue(ff, x)
-    assert not sd3._gelu_fits_epilogue(ff, x.to("meta"))
+        assert shared.gelu_fits_epilogue(ff, x.to("meta")) and not shared.gelu_fits_epilogue(ff, x)
+    assert not shared.gelu_fits_epilogue(ff, x.to("meta"))
     _lora(model, ["ff.net.0.proj"])
     with torch.no_grad():
-        assert not sd3._gelu_fits_epilogue(ff, x.to("meta"))
+        assert not shared.gelu_fits_epilogue(ff, x.to("meta"))
 
 
 # ----------------------------------------------------------------------------------------- refusals

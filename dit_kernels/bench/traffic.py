@@ -17,7 +17,8 @@ group reads every tensor it takes from outside the group once (block inputs, par
 outputs, earlier groups' results) and writes once every tensor needed outside it (by a GEMM, attention, a
 later group, or the block's caller); a tensor passing between ops of one group costs nothing.
 A patched block can go below this floor where it changes what a GEMM writes (SD3's projections written
-straight into the joint attention buffers).
+straight into the joint attention buffers; on CUDA, the FeedForward GELU in its GEMM's epilogue, which the
+meta device stands in for here).
 
 ``python -m dit_kernels.bench.traffic`` prints the table; the H100 column is the "other" bytes at 3.35 TB/s.
 """

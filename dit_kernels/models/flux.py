@@ -7,7 +7,7 @@ with ``shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm1.li
     x       = layernormmodulate(h, shift_msa, scale_msa)                     # norm1 (AdaLayerNormZero)
     a, a_c  = attn(x, x_c)                                                    # FluxFusedAttnProcessor
     h, x2   = gated_residual_layernormmodulate(h, a, gate_msa, shift_mlp, scale_mlp)   # + norm2
-    h       = gated_residual(h, ff(x2), gate_mlp)
+    h       = gated_residual(h, ff(x2), gate_mlp)       # on CUDA: ff's GELU in its first GEMM (feed_forward)
     c       = clip_fp16(same on the text stream)        # diffusers clips only the text stream here
 
 Per single block (``FluxSingleTransformerBlock``), on the joint sequence ``j = cat(c, h)`` [B, T + S, D]
@@ -30,6 +30,7 @@ processor, another norm type, a forward already wrapped by a hook) before anythi
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -53,6 +54,7 @@ from dit_kernels.models.shared import (
     check_type,
     check_unwrapped,
     clip_fp16,
+    feed_forward,
     gated_feed_forward,
     joint_buffers,
     modulate,
@@ -170,10 +172,10 @@ def _double_block_forward(ops: OpBackends):
             image_rotary_emb=image_rotary_emb,
             **(joint_attention_kwargs or {}),
         )
-        hidden_states = gated_feed_forward(hidden_states, attn_img, img[2:], block.norm2, block.ff, ops)
-        encoder_hidden_states = gated_feed_forward(
-            encoder_hidden_states, attn_txt, txt[2:], block.norm2_context, block.ff_context, ops
-        )
+        hidden_states = gated_feed_forward(hidden_states, attn_img, img[2:], block.norm2,
+                                           functools.partial(feed_forward, block.ff), ops)  # fmt: skip
+        encoder_hidden_states = gated_feed_forward(encoder_hidden_states, attn_txt, txt[2:], block.norm2_context,
+                                                   functools.partial(feed_forward, block.ff_context), ops)  # fmt: skip
         return clip_fp16(encoder_hidden_states), hidden_states
 
     return forward

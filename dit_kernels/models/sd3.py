@@ -47,14 +47,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
-from diffusers.models.activations import GELU
-from diffusers.models.attention import FeedForward, JointTransformerBlock, _chunked_feed_forward
+from diffusers.models.attention import JointTransformerBlock, _chunked_feed_forward
 from diffusers.models.attention_processor import Attention, FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
 from torch import Tensor, nn
 
 from dit_kernels.models.shared import (
+    feed_forward,
+    is_plain_linear,
+    plain_inference,
     OpBackends,
     Stream,
     check_qk_norms,
@@ -231,41 +233,10 @@ def _context_modulation(block: JointTransformerBlock, conditioning: Tensor, dtyp
 
 def _feed_forward(block: JointTransformerBlock, ff: nn.Module):
     """``ff`` as diffusers calls it: in chunks when ``enable_forward_chunking`` set a chunk size, else whole
-    (with its GELU in the first GEMM's epilogue where that reproduces it: ``_feed_forward_gelu_epilogue``)."""
+    (with its GELU in the first GEMM's epilogue where that reproduces it: ``feed_forward``)."""
     if block._chunk_size is not None:
         return functools.partial(_chunked_feed_forward, ff, chunk_dim=block._chunk_dim, chunk_size=block._chunk_size)
-    return functools.partial(_feed_forward_gelu_epilogue, ff)
-
-
-def _feed_forward_gelu_epilogue(ff: nn.Module, x: Tensor) -> Tensor:
-    """``ff(x)`` for x [B, S, D]; when ``_gelu_fits_epilogue``, ``gelu_tanh(proj(x))`` is one
-    ``torch._addmm_activation`` GEMM (cuBLASLt's GELU_BIAS epilogue: the [B, S, 4D] activation is written
-    once and never re-read by a GELU kernel), then ``ff``'s own Dropout and output Linear."""
-    if not _gelu_fits_epilogue(ff, x):
-        return ff(x)
-    proj = ff.net[0].proj
-    hidden = torch._addmm_activation(proj.bias, x.flatten(0, -2), proj.weight.t(), use_gelu=True)
-    hidden = hidden.unflatten(0, x.shape[:-1])
-    for module in ff.net[1:]:
-        hidden = module(hidden)
-    return hidden
-
-
-def _gelu_fits_epilogue(ff: nn.Module, x: Tensor) -> bool:
-    """FeedForward(activation_fn="gelu-approximate") whose ``net[0].proj`` is a plain biased nn.Linear, nothing
-    hooked, eager inference, on CUDA: ``_addmm_activation``'s GELU is the tanh approximation there, the exact
-    erf GELU on CPU (so CPU calls the module); "meta" stands for CUDA in the shape-only traffic model."""
-    act = ff.net[0] if type(ff) is FeedForward else None
-    return (
-        x.device.type in ("cuda", "meta")
-        and type(act) is GELU
-        and act.approximate == "tanh"
-        and _is_plain_linear(act.proj)
-        and act.proj.bias is not None
-        and not _is_hooked(ff)
-        and not _is_hooked(act)
-        and _plain_inference(x)
-    )
+    return functools.partial(feed_forward, ff)
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -320,27 +291,9 @@ def _projects_into_buffers(attn: Attention, x: Tensor) -> bool:
     linears = [getattr(attn, n) for names in (_IMAGE, _TEXT) for n in names[:3]]
     return (
         all(getattr(attn, n) is None for n in norms)
-        and all(_is_plain_linear(linear) for linear in linears)
-        and _plain_inference(x)
+        and all(is_plain_linear(linear) for linear in linears)
+        and plain_inference(x)
     )
-
-
-def _plain_inference(x: Tensor) -> bool:
-    """Eager inference: the direct GEMM paths' condition. Under autograd (out= GEMMs record none), the
-    compiler (it plans its own buffers and fusions) or autocast (which casts module calls only) the modules
-    are called instead."""
-    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
-    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or autocast)
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and not _is_hooked(module)
-
-
-def _is_hooked(module: nn.Module) -> bool:
-    """A forward hook, pre-hook or instance forward (diffusers/accelerate hooks) would be bypassed by
-    reading the module's parameters instead of calling it."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
 def _projected_joint_buffers(attn: Attention, inputs) -> tuple[Tensor, Tensor, Tensor]:

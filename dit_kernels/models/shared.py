@@ -157,6 +157,63 @@ def clip_fp16(x: Tensor) -> Tensor:
     return x.clamp_(-FP16_MAX, FP16_MAX) if x.dtype == torch.float16 else x
 
 
+# ----------------------------------------------------------------------------------------- direct GEMM paths
+# Where a module is a plain, unhooked nn.Linear at eager inference, a patcher may read its weight and bias in
+# place (never copied) to fuse around the GEMM; a peft LoRA layer or a hooked module is called as a module.
+
+
+def feed_forward(ff: nn.Module, x: Tensor) -> Tensor:
+    """``ff(x)`` for x [B, S, D]; when ``gelu_fits_epilogue``, ``gelu_tanh(proj(x))`` is one
+    ``torch._addmm_activation`` GEMM (cuBLASLt's GELU_BIAS epilogue: the [B, S, 4D] activation is written
+    once and never re-read by a GELU kernel), then ``ff``'s own Dropout and output Linear."""
+    if not gelu_fits_epilogue(ff, x):
+        return ff(x)
+    proj = ff.net[0].proj
+    hidden = torch._addmm_activation(proj.bias, x.flatten(0, -2), proj.weight.t(), use_gelu=True)
+    hidden = hidden.unflatten(0, x.shape[:-1])
+    for module in ff.net[1:]:
+        hidden = module(hidden)
+    return hidden
+
+
+def gelu_fits_epilogue(ff: nn.Module, x: Tensor) -> bool:
+    """FeedForward(activation_fn="gelu-approximate") whose ``net[0].proj`` is a plain biased nn.Linear, nothing
+    hooked, eager inference, on CUDA: ``_addmm_activation``'s GELU is the tanh approximation there, the exact
+    erf GELU on CPU (so CPU calls the module); "meta" stands for CUDA in the shape-only traffic model."""
+    from diffusers.models.activations import GELU
+    from diffusers.models.attention import FeedForward
+
+    act = ff.net[0] if type(ff) is FeedForward else None
+    return (
+        x.device.type in ("cuda", "meta")
+        and type(act) is GELU
+        and act.approximate == "tanh"
+        and is_plain_linear(act.proj)
+        and act.proj.bias is not None
+        and not is_hooked(ff)
+        and not is_hooked(act)
+        and plain_inference(x)
+    )
+
+
+def plain_inference(x: Tensor) -> bool:
+    """Eager inference: the direct GEMM paths' condition. Under autograd (out= GEMMs record none), the
+    compiler (it plans its own buffers and fusions) or autocast (which casts module calls only) the modules
+    are called instead."""
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or autocast)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not is_hooked(module)
+
+
+def is_hooked(module: nn.Module) -> bool:
+    """A forward hook, pre-hook or instance forward (diffusers/accelerate hooks) would be bypassed by
+    reading the module's parameters instead of calling it."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
 # ----------------------------------------------------------------------------------------- attention
 
 
