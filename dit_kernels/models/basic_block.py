@@ -13,11 +13,10 @@ cross-attention. Per block, h [B, S, D]::
         a = attn2(h, encoder_hidden_states, encoder_attention_mask)    # mask: additive bias [B, 1, T]
         gate_msa = None
     h, x2 = gated_residual_layernorm_modulate(h, a, gate_msa, shift_mlp, scale_mlp)  # ff_norm (DiT norm3, PixArt norm2)
-    h     = gated_residual(h, ff(x2), gate_mlp)
+    h     = gated_residual(h, ff(x2), gate_mlp)        # on CUDA: ff's GELU in its first GEMM (feed_forward)
 
-DiT: 3 fused launches per block, PixArt: 4. Non-GEMM launches per block (``dit_kernels.bench.traffic``, bf16,
-real shapes): DiT-XL/2 31 -> 21, of which 15 are the timestep/class embedding both paths recompute in every
-block; PixArt 20 -> 9. The attention modules, the FeedForward (chunked as diffusers chunks it after
+DiT: 3 fused launches per block, PixArt: 4. Non-GEMM launches per block: ``python -m
+dit_kernels.bench.traffic``. The attention modules, the FeedForward (chunked as diffusers chunks it after
 ``set_chunk_feed_forward``) and every Linear are the model's own (peft LoRA keeps working); only the
 LayerNorms' eps/weight/bias are read.
 ``validate_blocks`` refuses every block option whose path this forward does not take.
@@ -25,16 +24,16 @@ LayerNorms' eps/weight/bias are read.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Callable, Optional
 
-from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import Tensor, nn
 
 from dit_kernels.models.shared import (
+    block_feed_forward,
     FusedAttnProcessor,
     OpBackends,
     check_type,
@@ -150,7 +149,7 @@ def block_forward(ops: OpBackends, layout: BlockLayout):
             attn = block.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                attention_mask=encoder_attention_mask, **kwargs)  # fmt: skip
             gate_msa = None
-        return gated_feed_forward(hidden_states, attn, (gate_msa, *mlp), ff_norm(block), _feed_forward(block), ops)
+        return gated_feed_forward(hidden_states, attn, (gate_msa, *mlp), ff_norm(block), block_feed_forward(block, block.ff), ops)
 
     return forward
 
@@ -162,10 +161,3 @@ def _attention_kwargs(cross_attention_kwargs: Optional[dict]) -> dict:
     if kwargs.pop("gligen", None) is not None:
         raise ValueError("cross_attention_kwargs['gligen'] needs a GLIGEN fuser, which this block does not have")
     return kwargs
-
-
-def _feed_forward(block: BasicTransformerBlock) -> Callable[[Tensor], Tensor]:
-    """``block.ff``, or diffusers' chunked application of it after ``block.set_chunk_feed_forward``."""
-    if block._chunk_size is None:
-        return block.ff
-    return functools.partial(_chunked_feed_forward, block.ff, chunk_dim=block._chunk_dim, chunk_size=block._chunk_size)

@@ -3,14 +3,13 @@
 Per block (``HunyuanDiTBlock``), on the image tokens ``h`` [B, S, D] with the text ``c`` [B, T, C] and
 ``shift = norm1.linear(silu(temb in fp32) in temb's dtype)`` [B, D] (AdaLayerNormShift: shift only, no
 scale, no gates; every norm an affine FP32LayerNorm, eps 1e-6), 4 fused norm launches (5 with the long
-skip); with the attention's, 12 non-GEMM launches per block instead of eager's 55 (14 vs 61 with the long
-skip; ``python -m dit_kernels.bench.traffic --model hunyuan``, v1.2 shapes)::
+skip; non-GEMM launches per block against eager's: ``python -m dit_kernels.bench.traffic --model hunyuan``)::
 
     h     = skip_linear(layernorm(cat([h, skip])))             # blocks after L/2 only (skip_norm, 2D wide)
     x     = layernorm_modulate(h, shift)                        # norm1
     h, x2 = gated_residual_layernorm_modulate(h, attn1(x))      # + norm2 (no gate, no modulation)
     h, x3 = gated_residual_layernorm_modulate(h, attn2(x2, c))  # + norm3
-    h     = gated_residual(h, ff(x3))
+    h     = gated_residual(h, ff(x3))                 # on CUDA: ff's GELU in its first GEMM (feed_forward)
 
 Attention (``FusedAttnProcessor`` in place of ``HunyuanAttnProcessor2_0``): q/k/v projections, then one
 ``qk_norm_rope`` launch applies the per-head LayerNorm of q and k and the interleaved RoPE, on q and k in
@@ -44,6 +43,7 @@ from dit_kernels.models.shared import (
     OpBackends,
     check_type,
     check_unwrapped,
+    feed_forward,
     layernorm_kwargs,
     modulate,
     validate_legacy_attention,
@@ -104,7 +104,7 @@ def _block_forward(ops: OpBackends):
         hidden_states, normed = _residual_norm(hidden_states, attn, block.norm2, ops)
         attn = block.attn2(normed, encoder_hidden_states=encoder_hidden_states, image_rotary_emb=image_rotary_emb)
         hidden_states, normed = _residual_norm(hidden_states, attn, block.norm3, ops)
-        return gated_residual(hidden_states, block.ff(normed), backend=ops.fused)
+        return gated_residual(hidden_states, feed_forward(block.ff, normed), backend=ops.fused)
 
     return forward
 

@@ -47,14 +47,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
-from diffusers.models.attention import JointTransformerBlock, _chunked_feed_forward
+from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.attention_processor import Attention, FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
 from torch import Tensor, nn
 
 from dit_kernels.models.shared import (
-    feed_forward,
+    block_feed_forward,
     is_plain_linear,
     plain_inference,
     OpBackends,
@@ -210,11 +210,11 @@ def _block_forward(ops: OpBackends, silu: _SiluOfTemb):
             normed2 = modulate(hidden_states, block.norm1.norm, img[6], img[7], ops)
             residual = gated_residual(hidden_states, attn_img, img[2], backend=ops.fused)
             attn_img, tail = block.attn2(hidden_states=normed2, **joint_attention_kwargs), (img[8], *img[3:6])
-        hidden_states = gated_feed_forward(residual, attn_img, tail, block.norm2, _feed_forward(block, block.ff), ops)
+        hidden_states = gated_feed_forward(residual, attn_img, tail, block.norm2, block_feed_forward(block, block.ff), ops)
         if block.context_pre_only:
             return None, hidden_states
         encoder_hidden_states = gated_feed_forward(encoder_hidden_states, attn_txt, txt[2:], block.norm2_context,
-                                                   _feed_forward(block, block.ff_context), ops)  # fmt: skip
+                                                   block_feed_forward(block, block.ff_context), ops)  # fmt: skip
         return encoder_hidden_states, hidden_states
 
     return forward
@@ -229,14 +229,6 @@ def _context_modulation(block: JointTransformerBlock, conditioning: Tensor, dtyp
         scale, shift = norm.linear(conditioning.to(dtype)).chunk(2, dim=1)
         return shift, scale
     return norm.linear(conditioning).chunk(6, dim=1)
-
-
-def _feed_forward(block: JointTransformerBlock, ff: nn.Module):
-    """``ff`` as diffusers calls it: in chunks when ``enable_forward_chunking`` set a chunk size, else whole
-    (with its GELU in the first GEMM's epilogue where that reproduces it: ``feed_forward``)."""
-    if block._chunk_size is not None:
-        return functools.partial(_chunked_feed_forward, ff, chunk_dim=block._chunk_dim, chunk_size=block._chunk_size)
-    return functools.partial(feed_forward, ff)
 
 
 # ----------------------------------------------------------------------------------------- attention

@@ -8,6 +8,7 @@ that peft injects before or after ``patch`` keep working, and the state dict nev
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from dataclasses import dataclass, field
@@ -174,6 +175,16 @@ def feed_forward(ff: nn.Module, x: Tensor) -> Tensor:
     for module in ff.net[1:]:
         hidden = module(hidden)
     return hidden
+
+
+def block_feed_forward(block: nn.Module, ff: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``ff`` as a diffusers block with ``set_chunk_feed_forward`` calls it: diffusers' own
+    ``_chunked_feed_forward`` once a chunk size is set, else whole through ``feed_forward``."""
+    if block._chunk_size is None:
+        return functools.partial(feed_forward, ff)
+    from diffusers.models.attention import _chunked_feed_forward
+
+    return functools.partial(_chunked_feed_forward, ff, chunk_dim=block._chunk_dim, chunk_size=block._chunk_size)
 
 
 def gelu_fits_epilogue(ff: nn.Module, x: Tensor) -> bool:
