@@ -4,8 +4,19 @@
 ``dit_kernels.unpatch(pipe)`` restores it exactly."""
 
 from dit_kernels import backends, ops
-from dit_kernels.api import PatchReport, is_patched, patch, patch_report, unpatch
+from dit_kernels.api import (
+    PatchReport,
+    cache_session,
+    cache_stats,
+    is_patched,
+    patch,
+    patch_report,
+    reset_cache,
+    unpatch,
+)
+from dit_kernels.cache import CacheConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["patch", "unpatch", "is_patched", "patch_report", "PatchReport", "backends", "ops", "__version__"]
+__all__ = ["patch", "unpatch", "is_patched", "patch_report", "PatchReport", "CacheConfig", "cache_stats",
+           "reset_cache", "cache_session", "backends", "ops", "__version__"]

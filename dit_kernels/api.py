@@ -7,6 +7,7 @@ error propagates, so a refused or failed ``patch`` leaves the model exactly as i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -14,7 +15,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from dit_kernels import backends
+from dit_kernels import backends, graphs
+from dit_kernels.cache import StepCache, as_config
+from dit_kernels.cache import validate as validate_cache
 from dit_kernels.models import family_of, supported_classes
 from dit_kernels.models.shared import OpBackends, Patcher
 
@@ -36,12 +39,14 @@ class PatchReport:
     backends: dict[str, str] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
+    cache: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         rows = [("family", f"{self.family} ({self.transformer_class})"), ("device", f"{self.device}, {self.dtype}")]
         rows += [(f"backend: {op}", why) for op, why in self.backends.items()]
         rows.append(("replaced", f"{len(self.replaced)} module attributes"))
         rows += [("", item) for item in self.replaced]
+        rows += [("cache", line) for line in self.cache] or [("cache", "off")]
         rows += [("eager fallback", item) for item in self.fallbacks] or [("eager fallback", "none")]
         width = max(len(key) for key, _ in rows)
         return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
@@ -51,6 +56,7 @@ class PatchReport:
 class _PatchState:
     report: PatchReport
     patcher: Patcher
+    cache: Optional[StepCache] = None
 
 
 def patch(
@@ -68,7 +74,15 @@ def patch(
     or "cuda_emu" (the ``_C`` kernel source emulated on CPU; tests only). Raises TypeError for an object
     that is not a supported transformer, ValueError for a model the patcher does not recognise exactly,
     RuntimeError for a backend that cannot run here; in every case the object is left unchanged.
-    Patching an already patched model returns the first report and changes nothing."""
+    Patching an already patched model returns the first report and changes nothing.
+
+    ``cache``: None (off), a threshold (float) or a ``CacheConfig``: step caching (``dit_kernels.cache``),
+    wrapped around whatever the blocks run (fused or eager); given a pipeline, its state resets at each
+    pipeline call. TypeError/ValueError for a bad value, before anything changes.
+
+    ``cuda_graphs``: "auto" (default) replays the forward from CUDA graphs captured per input layout when
+    the model is on CUDA, and does nothing elsewhere; True also reports why not on another device; False
+    never (``dit_kernels.graphs``: with ``cache``, one graph per block around the cache's decision)."""
     transformer = _find_transformer(pipe_or_transformer)
     state = transformer.__dict__.get(_STATE)
     if state is not None:
@@ -81,22 +95,30 @@ def patch(
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
     if cuda_graphs not in (True, False, "auto"):
         raise ValueError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
-    if cache is not None:
-        raise NotImplementedError("step caching (cache=...) is not implemented yet; pass cache=None")
+    config = as_config(cache)
     family.validate(transformer)
+    if config is not None:
+        validate_cache(transformer, config)
     ops, why = _op_backends(backend, device, kernels)
     patcher = Patcher(ops)
     patcher.name_modules(transformer)
     report = PatchReport(family.FAMILY, type(transformer).__name__, str(device), str(dtype).removeprefix("torch."))
-    if kernels:
-        try:
+    step_cache = None if config is None else StepCache(transformer, config)
+    try:
+        if kernels:
             family.apply(transformer, patcher)
-        except BaseException:
-            patcher.undo()
-            raise
-    _note_cuda_graphs(cuda_graphs, device, patcher)
+        # before the cache attaches: with it, each block's runner sits inside the cache's block wrapper
+        graphs.apply(transformer, patcher, cuda_graphs, device, None if step_cache is None else step_cache.blocks)
+        if step_cache is not None:  # after the kernel swaps: it wraps the fused block forwards
+            pipe = None if pipe_or_transformer is transformer else pipe_or_transformer
+            scheduler = getattr(pipe, "scheduler", None)
+            step_cache.attach(transformer, patcher, scheduler)
+            report.cache = step_cache.describe(pipeline=scheduler is not None)
+    except BaseException:
+        patcher.undo()
+        raise
     report.backends, report.replaced, report.fallbacks = why, patcher.replaced, patcher.fallbacks
-    transformer.__dict__[_STATE] = _PatchState(report, patcher)
+    transformer.__dict__[_STATE] = _PatchState(report, patcher, step_cache)
     for item in patcher.fallbacks:
         log.warning("dit_kernels.patch: eager fallback: %s", item)
     return report
@@ -117,6 +139,38 @@ def is_patched(pipe_or_transformer) -> bool:
 def patch_report(pipe_or_transformer) -> Optional[PatchReport]:
     state = _find_transformer(pipe_or_transformer).__dict__.get(_STATE)
     return None if state is None else state.report
+
+
+def cache_stats(pipe_or_transformer) -> dict:
+    """The step cache's counts: totals (steps, blocks_computed, blocks_skipped, hit_rate) and per call
+    (the last 64) the same plus the per-step decision trace (step, branch, group, change, accumulated,
+    decision, reason). ValueError when the model is not patched with a cache."""
+    return _step_cache(pipe_or_transformer).stats()
+
+
+def reset_cache(pipe_or_transformer, num_steps: Optional[int] = None) -> None:
+    """Start a new call of the step cache (a bare transformer's next sampling loop): forget every cached
+    residual; ``num_steps`` turns on the final-steps rule."""
+    _step_cache(pipe_or_transformer).reset(num_steps)
+
+
+@contextlib.contextmanager
+def cache_session(pipe_or_transformer, num_steps: Optional[int] = None):
+    """``with cache_session(transformer, num_steps=50): <sampling loop>``: the loop is one call of the
+    step cache, reset on entry and on exit (nothing cached leaks to the next loop)."""
+    step_cache = _step_cache(pipe_or_transformer)
+    step_cache.reset(num_steps)
+    try:
+        yield step_cache
+    finally:
+        step_cache.reset()
+
+
+def _step_cache(pipe_or_transformer) -> StepCache:
+    state = _find_transformer(pipe_or_transformer).__dict__.get(_STATE)
+    if state is None or state.cache is None:
+        raise ValueError("this model is not patched with a step cache: dit_kernels.patch(..., cache=threshold)")
+    return state.cache
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -166,8 +220,3 @@ def _op_backends(backend: str, device: torch.device, kernels: bool) -> tuple[OpB
     attention = fused if backend != "auto" and fused in ("torch", "triton") else None
     attention_why = f"{attention}: same as the fused ops" if attention else "chosen per call (attention_backend)"
     return OpBackends(fused, attention), {"norm/modulate, qk_norm_rope": fused_why, "attention": attention_why}
-
-
-def _note_cuda_graphs(cuda_graphs: Union[bool, str], device: torch.device, patcher: Patcher) -> None:
-    if cuda_graphs is True or (cuda_graphs == "auto" and device.type == "cuda"):
-        patcher.fallback("CUDA graphs", "the CUDA-graph runner is not implemented yet; the forward runs eagerly")

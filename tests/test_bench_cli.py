@@ -26,7 +26,21 @@ def test_main_job_writes_table_json_and_plot(tmp_path, capsys):
         assert (tmp_path / "results.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("family", ["flux"])  # SD3 joins when its patcher lands
+def test_cache_rows_report_blocks_evaluated_and_quality(tmp_path, capsys):
+    """``--cache 0,1e9``: threshold 0 computes every block and matches patched exactly; a huge threshold
+    skips what the default rules allow (warm-up 2, at most 3 skips in a row, final 2 of 10 steps)."""
+    main(["--model", "dit", "--config", "tiny", "--steps", "10", "--repeats", "1", "--cache", "0,1e9",
+          "--out", str(tmp_path)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| patched + cache 0 |" in printed and "hit rate 50%, steps ccssscsscc" in printed
+    _, patched, exact, skipping = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert exact["blocks evaluated"] == patched["blocks evaluated"] == 10 * 2
+    assert exact["max-abs vs fp32"] == patched["max-abs vs fp32"]
+    assert skipping["blocks evaluated"] == 10 + 5  # head block every step, the other block on 5 steps
+    assert 0 < skipping["max-abs vs fp32"] < 1 and skipping["PSNR vs fp32 (dB)"] > 20
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_patched_blocks_launch_at_most_a_quarter_of_eager_non_gemm_kernels(family):
     eager, patched = traffic.family_counts(family)
     assert eager.keys() == patched.keys()

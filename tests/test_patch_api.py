@@ -130,11 +130,11 @@ def test_cuda_graphs_request_is_reported_not_hidden():
     assert any("CUDA graphs" in item for item in report.fallbacks)
 
 
-def test_cache_argument_is_refused_until_implemented():
+def test_cache_argument_attaches_a_step_cache():
+    """The step cache itself: tests/test_cache.py; here only that patch takes it and reports it."""
     model = tiny_model()
-    with pytest.raises(NotImplementedError, match="step caching"):
-        dit_kernels.patch(model, cache=0.1)
-    assert not dit_kernels.is_patched(model)
+    report = dit_kernels.patch(model, cache=0.1)
+    assert report.cache[0].startswith("CacheConfig(threshold=0.1,") and dit_kernels.cache_stats(model)["calls"] == []
 
 
 def _lora(model: torch.nn.Module) -> torch.nn.Module:

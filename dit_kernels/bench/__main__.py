@@ -41,8 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--backend", default="auto", help="patch backend: auto, triton, cuda, torch")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile(eager) row")
-    parser.add_argument("--cache", type=float, default=None, help="add a patched + step-cache row (not yet available)")
-    parser.add_argument("--cuda-graphs", action="store_true", help="add a patched + CUDA graphs row (not yet available)")
+    parser.add_argument("--cache", type=_thresholds, default=(), metavar="T1[,T2,...]",
+                        help="add a patched + step-cache row per threshold (dit_kernels.CacheConfig(threshold=T))")
+    parser.add_argument("--cuda-graphs", action="store_true", help="add a patched + CUDA graphs row (CUDA only)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path, interleaved (default 3)")
     parser.add_argument("--out", type=Path, default=None, help="write results.md, results.json, results.png here")
     return parser.parse_args(argv)
@@ -54,10 +55,14 @@ def main(argv=None) -> None:
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     args.config = args.config or ("small" if device.type == "cuda" else "tiny")
     setting = e2e.Setting(args.model, args.config, args.size, args.batch, args.steps, DTYPES[dtype_name], str(device))
-    unavailable = [f"--{name} row skipped: not implemented yet" for name, asked in
-                   (("cache", args.cache is not None), ("cuda-graphs", args.cuda_graphs)) if asked]  # fmt: skip
-    with tqdm(total=args.repeats * (3 if args.compile else 2), desc="timed runs", leave=False) as bar:
-        result = e2e.run(setting, repeats=args.repeats, compile_=args.compile, backend=args.backend, progress=bar.update)
+    unavailable = []
+    graphed = args.cuda_graphs and device.type == "cuda"
+    if args.cuda_graphs and not graphed:
+        unavailable.append(f"--cuda-graphs row skipped: CUDA graphs are unavailable on {device.type} (no CUDA device)")
+    timed = args.repeats * (2 + args.compile + graphed + len(args.cache) * (1 + graphed))
+    with tqdm(total=timed, desc="timed runs", leave=False) as bar:
+        result = e2e.run(setting, repeats=args.repeats, compile_=args.compile, backend=args.backend,
+                         cuda_graphs=graphed, caches=args.cache, progress=bar.update)  # fmt: skip
     header = (
         f"device: {device_name(device)} | model: {args.model} ({args.config}) | dtype: {dtype_name} | "
         f"image {args.size}px, batch {args.batch}, tokens {result['tokens']} | steps: {args.steps} | repeats: "
@@ -70,6 +75,14 @@ def main(argv=None) -> None:
         payload = {"header": header, "setting": vars(args), "rows": result["rows"], "notes": notes}
         for note in write(args.out, table, payload, result["rows"], header):
             print(f"- {note}")
+
+
+def _thresholds(text: str) -> tuple[float, ...]:
+    """``--cache 0.05,0.1``: one step-cache row per threshold."""
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected thresholds like 0.05,0.1, got {text!r}") from None
 
 
 if __name__ == "__main__":

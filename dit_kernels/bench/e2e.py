@@ -5,22 +5,30 @@ The loop is a plain Euler flow-matching sampler (``x += (t_next - t) * predictio
 around the transformer alone: the text encoders and the VAE are not part of what ``patch`` changes, so
 they are left out, and the loop is the same for every family. Weights are random (no download), so the
 latents are not images; fidelity is the max-abs error and PSNR of the final latents against the eager
-model run in fp32 on the same inputs.
+model run in fp32 on the same inputs. A step-cache row (``--cache T``) runs each loop as one cache call
+(``cache_session`` with the step count); its "blocks evaluated" is what the cache computed, and its note
+gives the hit rate and the per-step decisions (c = computed, s = skipped). With ``--cuda-graphs`` (CUDA
+only) the patched row and each cache row get a graphed twin, captured in the warm-up; their note counts
+captures, replays and eager calls.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
+import itertools
 import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 
 import dit_kernels
 from dit_kernels.bench import zoo
+from dit_kernels.graphs import graph_runners
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,14 @@ class Path:
     label: str
     model: Callable
     note: str = ""
+    cache: Optional[float] = None  # step-cache threshold of a cached row
+
+    def denoise(self, setting: Setting, inputs: dict) -> torch.Tensor:
+        """The path's loop; a cached row's is one cache call of ``setting.steps`` steps."""
+        session = dit_kernels.cache_session(self.model, num_steps=setting.steps) if self.cache is not None else (
+            contextlib.nullcontext())  # fmt: skip
+        with session:
+            return denoise(self.model, setting.family, inputs, setting.steps)
 
 
 def denoise(model: Callable, family: str, inputs: dict, steps: int) -> torch.Tensor:
@@ -84,33 +100,52 @@ def psnr(got: torch.Tensor, truth: torch.Tensor) -> float:
     return math.inf if mse == 0 else 20 * math.log10(peak / math.sqrt(mse))
 
 
-def build_paths(setting: Setting, compile_: bool, backend: str) -> tuple[torch.nn.Module, list[Path]]:
-    """The fp32 eager model (the truth) and the paths to time, all with the same weights."""
+def build_paths(setting: Setting, compile_: bool, backend: str, cuda_graphs: bool = False,
+                caches: Sequence[float] = ()) -> tuple[torch.nn.Module, list[Path]]:  # fmt: skip
+    """The fp32 eager model (the truth) and the paths to time, all with the same weights (the patched and
+    cached rows share the eager model's weight tensors: no copy)."""
     torch.manual_seed(0)
     truth_model = zoo.build(setting.family, setting.config).to(setting.device)
     eager = copy.deepcopy(truth_model).to(setting.dtype)
     paths = [Path("eager diffusers", eager)]
     if compile_:
         paths.append(Path("torch.compile", torch.compile(eager)))
-    patched = copy.deepcopy(eager)
+    patched = _sharing_weights(eager)
     report = dit_kernels.patch(patched, backend=backend, cuda_graphs=False)
     paths.append(Path("patched", patched, note=f"ops: {report.backends}"))
+    if cuda_graphs:
+        graphed = copy.deepcopy(eager)
+        dit_kernels.patch(graphed, backend=backend, cuda_graphs=True)
+        paths.append(Path("patched + CUDA graphs", graphed))
+    for threshold, graphed in itertools.product(caches, (False, True)[: 1 + cuda_graphs]):
+        model = _sharing_weights(eager)
+        dit_kernels.patch(model, backend=backend, cuda_graphs=graphed, cache=threshold)
+        paths.append(Path(f"patched + cache {threshold:g}" + " + CUDA graphs" * graphed, model, cache=threshold))
     return truth_model, paths
 
 
-def run(setting: Setting, *, repeats: int, compile_: bool = False, backend: str = "auto", progress=None) -> dict:
-    """Time every path ``repeats`` times, interleaved, after one warm-up each; errors vs fp32 eager."""
-    truth_model, paths = build_paths(setting, compile_, backend)
+def _sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model``'s modules sharing its parameter and buffer tensors (no copy of the weights)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def run(setting: Setting, *, repeats: int, compile_: bool = False, backend: str = "auto", cuda_graphs: bool = False,
+        caches: Sequence[float] = (), progress=None) -> dict:  # fmt: skip
+    """Time every path ``repeats`` times, interleaved, after one warm-up each (which captures the CUDA
+    graphs of the graphed path); errors vs fp32 eager."""
+    truth_model, paths = build_paths(setting, compile_, backend, cuda_graphs, caches)
     shape = setting.shape(truth_model)
     inputs = zoo.transformer_inputs(setting.family, truth_model, shape, setting.dtype, setting.device)
-    truth = denoise(truth_model, setting.family, zoo.transformer_inputs(
-        setting.family, truth_model, shape, torch.float32, setting.device), setting.steps)  # fmt: skip
-    outputs = {p.label: denoise(p.model, setting.family, inputs, setting.steps) for p in paths}  # warm-up
+    outputs = {p.label: p.denoise(setting, inputs) for p in paths}  # warm-up
+    truth = outputs[paths[0].label]  # in fp32 the eager row computes the truth: same weights, same inputs
+    if setting.dtype != torch.float32:
+        truth_inputs = zoo.transformer_inputs(setting.family, truth_model, shape, torch.float32, setting.device)
+        truth = denoise(truth_model, setting.family, truth_inputs, setting.steps)
     times: dict[str, list[float]] = {p.label: [] for p in paths}
     for _ in range(repeats):
         for p in paths:
-            times[p.label].append(_time_ms(lambda: denoise(p.model, setting.family, inputs, setting.steps),
-                                           setting.device))  # fmt: skip
+            times[p.label].append(_time_ms(lambda: p.denoise(setting, inputs), setting.device))
             if progress:
                 progress()
     eager_ms = statistics.median(times[paths[0].label])
@@ -120,10 +155,30 @@ def run(setting: Setting, *, repeats: int, compile_: bool = False, backend: str 
         median = statistics.median(times[p.label])
         rows.append({
             "path": p.label, "ms/step": median / setting.steps, "vs eager": eager_ms / median,
-            "blocks evaluated": blocks * setting.steps,
+            "blocks evaluated": blocks * setting.steps if p.cache is None else _last_call(p)["blocks_computed"],
             "max-abs vs fp32": (outputs[p.label] - truth).abs().max().item(),
             "PSNR vs fp32 (dB)": psnr(outputs[p.label], truth),
         })  # fmt: skip
     tokens = shape.height * shape.width // (1 if setting.family == "flux" else 4)
-    return {"rows": rows, "tokens": f"{tokens}+{shape.text_len}" if shape.text_len else str(tokens),
-            "notes": [p.note for p in paths if p.note]}  # fmt: skip
+    notes = [p.note for p in paths if p.note] + [_graphs_note(p) for p in paths if graph_runners(p.model)]
+    notes += [_cache_note(p) for p in paths if p.cache is not None]
+    return {"rows": rows, "tokens": f"{tokens}+{shape.text_len}" if shape.text_len else str(tokens), "notes": notes}
+
+
+def _graphs_note(path: Path) -> str:
+    """What the graphed path's runners did: captures, replays, eager calls and why (the PatchReport's
+    fallbacks, which include captures that failed)."""
+    stats = sum((runner.stats for runner in graph_runners(path.model).values()), collections.Counter())
+    fallbacks = [item for item in dit_kernels.patch_report(path.model).fallbacks if item.startswith("CUDA graphs")]
+    return (f"{path.label}: {stats['captures']} captures, {stats['replays']} replays, {stats['eager']} eager calls"
+            + "".join(f"; {item}" for item in fallbacks))
+
+
+def _last_call(path: Path) -> dict:
+    return dit_kernels.cache_stats(path.model)["calls"][-1]
+
+
+def _cache_note(path: Path) -> str:
+    call = _last_call(path)
+    steps = "".join(entry["decision"][0] for entry in call["trace"])
+    return f"{path.label}: hit rate {call['hit_rate']:.0%}, steps {steps} (c computed, s skipped)"

@@ -117,8 +117,9 @@ def _to_device(value, device):
 
 def set_timestep(family: str, inputs: dict, t: float) -> None:
     """Put diffusion time ``t`` in [0, 1000] into ``inputs`` the way the family's pipeline passes it."""
-    batch, dtype = inputs["hidden_states"].shape[0], inputs["hidden_states"].dtype
-    value = torch.full((batch,), t / 1000 if family == "flux" else t)
+    latents = inputs["hidden_states"]  # the pipelines make the timestep on the latents' device
+    batch, dtype = latents.shape[0], latents.dtype
+    value = torch.full((batch,), t / 1000 if family == "flux" else t, device=latents.device)
     inputs["timestep"] = value.to(dtype) if family in ("flux", "hunyuan") else value
 
 

@@ -1,0 +1,94 @@
+"""Installing the runners: what ``patch(..., cuda_graphs=...)`` does.
+
+Without the step cache, one ``GraphRunner`` becomes the transformer's ``forward`` instance attribute,
+wrapping whatever ``forward`` was there: the whole forward, patched blocks included, is one recording
+per input layout.
+
+With the step cache, no recording may span its per-step decision (taken between the head block(s) and the
+rest, from the head's residual). ``apply`` is then called before the cache attaches, with the blocks the
+cache will wrap, and gives each block its own runner inside the cache's wrapper: the head blocks replay,
+the cache decides (its small device-to-host read), then each remaining block replays, or none runs on a
+skipped step (the cache adds its cached residual). A mixed CFG step (``cfg="per_half"``) runs the
+remaining blocks on a half batch: another input layout, captured once. The embeddings before the blocks
+and the output layers after them run eagerly.
+
+Everything goes through the patch's ``Patcher`` (``unpatch`` removes it); the runners are listed in the
+transformer's ``_dit_kernels_graph_runners`` (``graph_runners``). Fallbacks (no CUDA, a hooked forward,
+a key whose capture failed) are reported in the ``PatchReport``'s fallbacks, at patch time or when the
+key first comes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from dit_kernels.graphs.backends import CudaGraphBackend
+from dit_kernels.graphs.runner import GraphConfig, GraphRunner
+
+WHAT = "CUDA graphs"
+RUNNERS = "_dit_kernels_graph_runners"
+
+_TEST_BACKEND: Optional[tuple[object, Optional[GraphConfig]]] = None
+
+
+def apply(transformer: nn.Module, patcher, cuda_graphs: Union[bool, str], device: torch.device,
+          cached_blocks: Optional[Sequence[nn.Module]] = None) -> dict[str, GraphRunner]:  # fmt: skip
+    """``patch``'s ``cuda_graphs`` option: "auto" captures on CUDA and does nothing elsewhere; True captures
+    on CUDA and reports why not elsewhere; False does nothing. ``cached_blocks``: the blocks the step cache
+    is about to wrap (a runner per block, see the module docstring); None: the whole forward. Returns the
+    runners installed, by module name."""
+    if cuda_graphs is False or (cuda_graphs == "auto" and device.type != "cuda"):
+        return {}
+    backend, config = _TEST_BACKEND or (CudaGraphBackend(), None)
+    why = _unavailable(transformer, device, testing=_TEST_BACKEND is not None)
+    if why is not None:
+        patcher.fallback(WHAT, f"{why}; the forward runs eagerly")
+        return {}
+    names = {id(module): name for name, module in transformer.named_modules()}
+    targets = [("forward", transformer)] if cached_blocks is None else [(names[id(b)], b) for b in cached_blocks]
+    runners = {name: install(module, patcher, backend, config, name) for name, module in targets}
+    patcher.set_attr(transformer, RUNNERS, runners, f"{len(runners)} graph runner(s), shared memory pool")
+    return runners
+
+
+def _unavailable(transformer: nn.Module, device: torch.device, testing: bool) -> Optional[str]:
+    if device.type != "cuda" and not testing:
+        return f"unavailable: the model is on {device.type} and CUDA graphs need a CUDA device"
+    if "forward" in transformer.__dict__:
+        return (f"{type(transformer).__name__}.forward is wrapped by a hook ({transformer.__dict__['forward']!r}, "
+                "e.g. accelerate offloading), whose weights or control flow may change between calls")
+    return None
+
+
+def install(module: nn.Module, patcher, backend, config: Optional[GraphConfig], label: str) -> GraphRunner:
+    """Wrap ``module.forward`` in a ``GraphRunner`` on ``backend``, recorded by ``patcher``; its fallbacks
+    are reported under ``label``."""
+    prefix = "" if label == "forward" else f"{label}: "
+    runner = GraphRunner(module.forward, backend, config, lambda why: patcher.fallback(WHAT, prefix + why), module)
+    patcher.set_attr(module, "forward", runner, f"GraphRunner ({backend.name}): captured per input layout")
+    return runner
+
+
+def graph_runners(pipe_or_transformer) -> dict[str, GraphRunner]:
+    """The transformer's runners by module name ("forward" for the whole forward), each with its ``stats``,
+    ``keys``, ``nbytes``, ``config`` and ``reset()``; empty when nothing is graphed."""
+    from dit_kernels.api import _find_transformer
+
+    return dict(_find_transformer(pipe_or_transformer).__dict__.get(RUNNERS, {}))
+
+
+@contextlib.contextmanager
+def backend_for_tests(backend, config: Optional[GraphConfig] = None) -> Iterator[None]:
+    """For tests only: inside the block, ``patch(..., cuda_graphs=True)`` installs its runners on ``backend``
+    (e.g. ``EagerReplayBackend`` on CPU) with ``config``, on any device. The public ``patch`` otherwise
+    always uses ``CudaGraphBackend``."""
+    global _TEST_BACKEND
+    previous, _TEST_BACKEND = _TEST_BACKEND, (backend, config)
+    try:
+        yield
+    finally:
+        _TEST_BACKEND = previous

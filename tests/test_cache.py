@@ -1,0 +1,379 @@
+"""Step cache (dit_kernels.cache) on bare transformers of every family with a patcher (tiny configs from
+dit_kernels.bench.zoo), eager blocks (kernels=False) and fused ones (kernels=True):
+
+- threshold 0 gives the uncached output bit for bit; a huge threshold skips every step the rules allow
+  (warm-up, consecutive-skip cap, final steps), with the block counts to match;
+- CFG: "joint" decides on the whole batch; "per_half" decides each half on its own, and a half-batch run
+  of the remaining blocks (HunyuanDiT's long skips included) matches running each half alone;
+- sequential CFG (two calls per timestep) keeps one state per branch;
+- state resets (rising timestep, new shapes, reset_cache, cache_session) and no leak into a fresh call;
+- ControlNet / skip-layer calls bypass the cache; unpatch restores the model exactly;
+- the rules on hand-made residuals (accumulated change, extrapolation), config checks, the 0 % warning;
+- the Triton backend (interpreter) inside cached blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import dit_kernels
+from dit_kernels.bench import e2e, zoo
+from dit_kernels.cache.policy import Group, decide
+from dit_kernels.models import FAMILY_MODULES
+from patch_parity import FP32_ATOL, FP32_RTOL, assert_unchanged, snapshot
+
+FAMILIES = [family for family in zoo.FAMILIES if family in FAMILY_MODULES]
+KERNELS = [False, True]
+# Every skip the rules allow: a threshold no change reaches.
+ALWAYS = dict(threshold=1e9, warmup_steps=2, max_consecutive_skips=3, final_steps_computed=2)
+
+
+# One block more than the tiny configs, so that the cached remainder has blocks before its last one (SD3:
+# before the context_pre_only block); HunyuanDiT: 6 layers, so a long skip leaves a cached block (1 -> 4).
+DEPTH = {"dit": {"num_layers": 3}, "pixart": {"num_layers": 3}, "sd3": {"num_layers": 3}, "hunyuan": {"num_layers": 6}}
+
+
+def build(family: str):
+    torch.manual_seed(0)
+    return zoo.build(family, **DEPTH.get(family, {}))
+
+
+def inputs(family: str, model, batch: int = 2, side: int = 8, seed: int = 0) -> dict:
+    return zoo.transformer_inputs(family, model, zoo.Shape(batch, side, side, 5), torch.float32, seed=seed)
+
+
+def cached(model, kernels: bool = False, backend: str = "torch", **config):
+    dit_kernels.patch(model, kernels=kernels, backend=backend, cache=dit_kernels.CacheConfig(**config))
+    return model
+
+
+def denoise(model, family: str, x: dict, steps: int, num_steps=None) -> torch.Tensor:
+    """e2e's Euler loop (t 1000 -> 0) as one cache call when the model is cached."""
+    if dit_kernels.patch_report(model) is None or dit_kernels.patch_report(model).cache == []:
+        return e2e.denoise(model, family, x, steps)
+    with dit_kernels.cache_session(model, num_steps=num_steps):
+        return e2e.denoise(model, family, x, steps)
+
+
+def decisions(model, call: int = -1, group: str = "batch") -> list[str]:
+    trace = dit_kernels.cache_stats(model)["calls"][call]["trace"]
+    return [entry["decision"] for entry in trace if entry["group"] == group]
+
+
+def allowed(steps: int, warmup: int, cap: int, final: int) -> list[str]:
+    """The decisions the rules allow when every change is below the threshold."""
+    out, run = [], 0
+    for step in range(steps):
+        forced = step < warmup or step >= steps - final or run >= cap
+        out.append("compute" if forced else "skip")
+        run = 0 if forced else run + 1
+    return out
+
+
+def num_blocks(model) -> int:
+    return len(dit_kernels.cache.StepCache(model, dit_kernels.CacheConfig()).blocks)
+
+
+# ----------------------------------------------------------------------------------------- exactness, counts
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_threshold_zero_is_the_uncached_output_bit_for_bit(family, kernels):
+    reference = build(family)
+    if kernels:
+        dit_kernels.patch(reference, backend="torch")
+    model = cached(build(family), kernels, threshold=0.0)
+    x = inputs(family, model)
+    assert torch.equal(denoise(model, family, x, 6, num_steps=6), e2e.denoise(reference, family, x, 6))
+    stats = dit_kernels.cache_stats(model)
+    assert stats["blocks_skipped"] == 0 and stats["hit_rate"] == 0
+    assert stats["blocks_computed"] == 6 * num_blocks(model) and stats["calls"][-1]["steps"] == 6
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_huge_threshold_skips_every_step_the_rules_allow(family, kernels):
+    model = cached(build(family), kernels, **ALWAYS)
+    x = inputs(family, model)
+    out = denoise(model, family, x, 12, num_steps=12)
+    expected = allowed(12, warmup=2, cap=3, final=2)
+    assert decisions(model) == expected
+    call, n, head = dit_kernels.cache_stats(model)["calls"][-1], num_blocks(model), 1
+    computed = expected.count("compute")
+    assert call["blocks_computed"] == 12 * head + computed * (n - head)
+    assert call["blocks_skipped"] == (12 - computed) * (n - head)
+    assert call["hit_rate"] == pytest.approx((12 - computed) / 12)
+    reasons = [entry["reason"] for entry in call["trace"]]
+    assert reasons[:2] == ["warm-up"] * 2 and reasons[-2:] == ["final steps"] * 2
+    assert reasons[5] == "consecutive-skip cap"
+    assert torch.isfinite(out).all()
+    assert not torch.equal(out, e2e.denoise(build(family), family, x, 12)), "skipped steps changed nothing"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipped_step_adds_the_cached_residual_to_the_head_output(family):
+    """Same inputs twice (second call at a slightly lower timestep so it is a new step): the skipped step's
+    output equals the computed one up to the head's change, which is tiny here."""
+    model = cached(build(family), threshold=1e9, warmup_steps=1, final_steps_computed=0)
+    x = inputs(family, model)
+    with torch.no_grad():
+        zoo.set_timestep(family, x, 500.0)
+        computed = model(**x, return_dict=False)[0]
+        zoo.set_timestep(family, x, 499.999)
+        skipped = model(**x, return_dict=False)[0]
+    assert decisions(model) == ["compute", "skip"]
+    torch.testing.assert_close(skipped, computed, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------- CFG
+
+
+def half(family: str, x: dict, rows: slice) -> dict:
+    """The transformer inputs of one CFG half: every batch-first tensor sliced (ids/RoPE tables are not)."""
+    return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 2 else v for k, v in x.items()}
+
+
+def cfg_steps(family: str, model, steps: int = 6):
+    """Inputs per step: the first half barely moves (timestep 900 - 0.01 s), the second gets new latents
+    every step, so per half the first skips and the second computes."""
+    x = inputs(family, model)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(steps):
+        y = dict(x)
+        fresh = torch.randn(x["hidden_states"][1:].shape, generator=generator)
+        y["hidden_states"] = torch.cat([x["hidden_states"][:1], fresh])
+        zoo.set_timestep(family, y, 900 - 0.01 * step)
+        yield y
+
+
+def run_steps(model, steps_inputs) -> list[torch.Tensor]:
+    with torch.no_grad(), dit_kernels.cache_session(model):
+        return [model(**x, return_dict=False)[0] for x in steps_inputs]
+
+
+CFG_RULES = dict(threshold=0.1, warmup_steps=1, final_steps_computed=0, max_consecutive_skips=100)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_half_decides_each_half_like_a_run_of_that_half_alone(family, kernels):
+    model = cached(build(family), kernels, cfg="per_half", **CFG_RULES)
+    alone = [cached(build(family), kernels, **CFG_RULES) for _ in range(2)]
+    steps = list(cfg_steps(family, model))
+    both = run_steps(model, steps)
+    rows = (slice(0, 1), slice(1, 2))
+    halves = [run_steps(m, [half(family, x, r) for x in steps]) for m, r in zip(alone, rows)]
+    assert decisions(model, group="first half") == decisions(alone[0]) == ["compute"] + ["skip"] * 5
+    assert decisions(model, group="second half") == decisions(alone[1]) == ["compute"] * 6
+    for step, out in enumerate(both):
+        expected = torch.cat([halves[0][step], halves[1][step]])
+        torch.testing.assert_close(out, expected, rtol=FP32_RTOL, atol=FP32_ATOL, msg=lambda m: f"step {step}: {m}")
+    # the first half's remaining blocks ran 1 time, the second half's 6 times
+    rest = num_blocks(model) - 1
+    assert dit_kernels.cache_stats(model)["blocks_skipped"] == 5 * rest
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_joint_decides_on_the_whole_batch(family):
+    """Same inputs as the per-half test (whose halves decide differently): one decision per step, applied
+    to both halves: a computed step is eager's output in both rows, a skipped one replays both."""
+    model, eager = cached(build(family), **CFG_RULES), build(family)
+    steps = list(cfg_steps(family, model))
+    outputs = run_steps(model, steps)
+    with torch.no_grad():
+        truth = [eager(**x, return_dict=False)[0] for x in steps]
+    trace = dit_kernels.cache_stats(model)["calls"][-1]["trace"]
+    assert [e["group"] for e in trace] == ["batch"] * 6
+    for decision, out, expected in zip(decisions(model), outputs, truth):
+        exact = [torch.equal(out[row], expected[row]) for row in range(2)]
+        assert exact == [decision == "compute"] * 2, (decision, exact)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequential_cfg_keeps_one_state_per_branch(family):
+    """Two transformer calls per timestep (cond, then uncond with other inputs): branch 1 behaves like a
+    run of the uncond calls alone."""
+    model = cached(build(family), **ALWAYS)
+    alone = cached(build(family), **ALWAYS)
+    cond, uncond = inputs(family, model, seed=0), inputs(family, model, seed=1)
+    calls, uncond_calls = [], []
+    for step in range(6):
+        for x in (cond, uncond):
+            y = dict(x)
+            zoo.set_timestep(family, y, 900 - 100 * step)
+            calls.append(y)
+        uncond_calls.append(calls[-1])
+    both, only = run_steps(model, calls), run_steps(alone, uncond_calls)
+    for a, b in zip(both[1::2], only):
+        assert torch.equal(a, b)
+    trace = dit_kernels.cache_stats(model)["calls"][-1]["trace"]
+    assert [e["branch"] for e in trace] == [0, 1] * 6 and dit_kernels.cache_stats(model)["calls"][-1]["steps"] == 6
+
+
+# ----------------------------------------------------------------------------------------- state
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_state_leaks_into_the_next_loop(family):
+    """Loop 1, then loop 2 with another seed (and resolution where the family takes one) on the same
+    cached model: loop 2 equals loop 2 on a freshly cached model, whether the reset comes from
+    cache_session, reset_cache, a new shape or the rising timestep."""
+    side = 8 if family == "dit" else 6  # DiT takes its configured square size only
+    model = cached(build(family), **ALWAYS)
+    first, second = inputs(family, model, seed=0), inputs(family, model, side=side, seed=1)
+    fresh = e2e.denoise(cached(build(family), **ALWAYS), family, second, 8)
+    e2e.denoise(model, family, first, 8)  # no session: the next loop's rising timestep / new shape resets
+    assert torch.equal(e2e.denoise(model, family, second, 8), fresh)
+    dit_kernels.reset_cache(model)
+    assert torch.equal(e2e.denoise(model, family, second, 8), fresh)
+    with dit_kernels.cache_session(model, num_steps=8):
+        e2e.denoise(model, family, first, 4)  # an interrupted loop
+    assert torch.equal(e2e.denoise(model, family, second, 8), fresh)
+    calls = dit_kernels.cache_stats(model)["calls"]
+    assert [c["steps"] for c in calls] == [8, 8, 8, 4, 8]
+    assert [c["num_steps"] for c in calls] == [None, None, None, 8, None]
+
+
+def test_rising_timestep_and_new_shape_start_a_new_call():
+    family = FAMILIES[0]
+    model = cached(build(family), **ALWAYS)
+    x = inputs(family, model)
+    with torch.no_grad():
+        for t, batch in ((900, 2), (800, 2), (900, 2), (800, 1)):
+            y = inputs(family, model, batch=batch) if batch != 2 else dict(x)
+            zoo.set_timestep(family, y, t)
+            model(**y, return_dict=False)
+    assert [c["steps"] for c in dit_kernels.cache_stats(model)["calls"]] == [2, 1, 1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpatch_restores_the_model_and_drops_the_state(family):
+    model = build(family)
+    before = snapshot(model)
+    cached(model, kernels=True, **ALWAYS)
+    x = inputs(family, model)
+    denoise(model, family, x, 4)
+    dit_kernels.unpatch(model)
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="not patched with a step cache"):
+        dit_kernels.cache_stats(model)
+    cached(model, **ALWAYS)
+    assert dit_kernels.cache_stats(model)["calls"] == []
+
+
+BYPASS = {"sd3": lambda: {"skip_layers": [1]}, "flux": lambda: {"controlnet_block_samples": [torch.randn(2, 64, 32)]}}
+
+
+@pytest.mark.parametrize("family", [f for f in BYPASS if f in FAMILIES])
+def test_controlnet_and_skip_layer_calls_bypass_the_cache(family):
+    model, eager = cached(build(family), **ALWAYS), build(family)
+    x, extra = inputs(family, model), BYPASS[family]()
+    with torch.no_grad():
+        ours, theirs = (m(**x, **extra, return_dict=False)[0] for m in (model, eager))
+    assert torch.equal(ours, theirs)
+    call = dit_kernels.cache_stats(model)["calls"][-1]
+    assert call["bypassed_calls"] == 1 and call["trace"] == [] and call["blocks_computed"] == num_blocks(model)
+
+
+# ----------------------------------------------------------------------------------------- rules
+
+
+def test_accumulated_change_forces_a_recompute():
+    """Each step changes the head residual by ~4 %, under the 6 % threshold; two steps add up past it."""
+    config = dit_kernels.CacheConfig(threshold=0.06, warmup_steps=1, final_steps_computed=0, max_consecutive_skips=9)
+    group, base = Group("batch", slice(None)), torch.ones(2, 4, 8)
+    out = []
+    for step in range(7):
+        d = decide(config, group, base * 1.04**step, step, None)
+        if d.compute:
+            group.store((base,), step, False)
+        out.append((d.compute, d.reason))
+    assert out == [(True, "warm-up"), (False, "below threshold"), (True, "accumulated >= threshold"),
+                   (False, "below threshold"), (True, "accumulated >= threshold"), (False, "below threshold"),
+                   (True, "accumulated >= threshold")]  # fmt: skip
+    assert decide(config, group, base * 2, 7, None).reason == "change >= threshold"
+
+
+def test_final_steps_need_the_step_count():
+    config = dit_kernels.CacheConfig(threshold=1.0, warmup_steps=0, final_steps_computed=2, max_consecutive_skips=9)
+    for num_steps, expected in ((5, ["no reference", "below threshold", "below threshold", "final steps",
+                                     "final steps"]), (None, ["no reference"] + ["below threshold"] * 4)):  # fmt: skip
+        group = Group("batch", slice(None))
+        reasons = []
+        for step in range(5):
+            d = decide(config, group, torch.ones(3), step, num_steps)
+            if d.compute:
+                group.store((torch.ones(3),), step, False)
+            reasons.append(d.reason)
+        assert reasons == expected
+
+
+def test_extrapolation_is_first_order_from_the_last_two_computed_steps():
+    group = Group("batch", slice(None))
+    group.store((torch.tensor([1.0]), None), 2, True)
+    group.store((torch.tensor([3.0]), None), 4, True)
+    assert group.cached(5, extrapolate=True)[0].item() == 4.0 and group.cached(5, extrapolate=True)[1] is None
+    assert group.cached(5, extrapolate=False)[0].item() == 3.0
+
+
+@pytest.mark.parametrize("family", FAMILIES[:1])
+def test_extrapolate_flag_changes_skipped_steps_only(family):
+    plain, extra = cached(build(family), **ALWAYS), cached(build(family), extrapolate=True, **ALWAYS)
+    x = inputs(family, plain)
+    a, b = denoise(plain, family, x, 6, 6), denoise(extra, family, x, 6, 6)
+    assert decisions(plain) == decisions(extra) and not torch.equal(a, b)
+
+
+def test_config_checks_and_refusals_change_nothing():
+    assert dit_kernels.cache.as_config(0.1) == dit_kernels.CacheConfig(threshold=0.1)
+    for bad in (dict(threshold=-1.0), dict(threshold=float("nan")), dict(head_blocks=0), dict(warmup_steps=-1),
+                dict(max_consecutive_skips=0), dict(final_steps_computed=1.5), dict(cfg="halves"),
+                dict(extrapolate=1), dict(head_blocks=True)):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            dit_kernels.CacheConfig(**bad)
+    with pytest.raises(TypeError, match="threshold"):
+        dit_kernels.CacheConfig(threshold="0.1")
+    model = build(FAMILIES[0])
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="cache must be"):
+        dit_kernels.patch(model, cache="fast")
+    with pytest.raises(ValueError, match="leaves no block to cache"):
+        dit_kernels.patch(model, cache=dit_kernels.CacheConfig(head_blocks=num_blocks(model)))
+    assert_unchanged(model, before)
+    report = dit_kernels.patch(model, cache=0.1)
+    assert "CacheConfig(threshold=0.1" in repr(report) and repr(report).splitlines()[-1].startswith("eager fallback")
+
+
+def test_zero_hit_rate_warns_once(caplog):
+    family = FAMILIES[0]
+    model = cached(build(family), threshold=1e-12, warmup_steps=0, final_steps_computed=0)
+    x = inputs(family, model)
+    with caplog.at_level(logging.WARNING, logger="dit_kernels"):
+        denoise(model, family, x, 12)
+        denoise(model, family, x, 12)
+    warnings = [r for r in caplog.records if "0 % hit rate" in r.getMessage()]
+    assert len(warnings) == 1 and dit_kernels.cache_stats(model)["hit_rate"] == 0
+
+
+# ----------------------------------------------------------------------------------------- Triton
+
+
+@pytest.mark.parametrize("family", [f for f in ("dit", "flux") if f in FAMILIES])
+def test_triton_backend_inside_cached_blocks(family):
+    """The interpreter is slow: 4 steps. Threshold 0 is bitwise the uncached patched output; a huge
+    threshold skips and stays within fp32 noise of the torch-backend cached run."""
+    reference = build(family)
+    dit_kernels.patch(reference, backend="triton")
+    exact = cached(build(family), kernels=True, backend="triton", threshold=0.0)
+    x = inputs(family, reference)
+    assert torch.equal(denoise(exact, family, x, 4), e2e.denoise(reference, family, x, 4))
+    rules = dict(ALWAYS, warmup_steps=1, final_steps_computed=1)
+    triton = cached(build(family), kernels=True, backend="triton", **rules)
+    torch_ = cached(build(family), kernels=True, backend="torch", **rules)
+    a, b = denoise(triton, family, x, 4, 4), denoise(torch_, family, x, 4, 4)
+    assert decisions(triton) == decisions(torch_) == ["compute", "skip", "skip", "compute"]
+    torch.testing.assert_close(a, b, rtol=FP32_RTOL, atol=FP32_ATOL)
