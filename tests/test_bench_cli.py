@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import dit_kernels
 from dit_kernels.bench import traffic
 from dit_kernels.bench.__main__ import main
 
@@ -14,8 +15,9 @@ def test_main_job_writes_table_json_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "device: CPU" in printed and "| eager diffusers |" in printed and "| patched |" in printed
     payload = json.loads((tmp_path / "results.json").read_text())
-    eager, patched = payload["rows"]
-    assert eager["vs eager"] == 1.0 and patched["ms/step"] > 0
+    eager, patched, cached = payload["rows"]  # by default a cache row at the default threshold
+    assert cached["path"] == f"patched + cache {dit_kernels.CacheConfig().threshold:g}"
+    assert eager["vs eager"] == 1.0 and patched["ms/step"] > 0 and cached["blocks evaluated"] > 0
     assert patched["max-abs vs fp32"] < 1e-4, "fp32 patched loop must track the fp32 eager loop"
     assert (tmp_path / "results.md").read_text().startswith("device: CPU")
     try:
@@ -24,6 +26,11 @@ def test_main_job_writes_table_json_and_plot(tmp_path, capsys):
         assert "matplotlib is not installed" in printed
     else:
         assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_cache_none_leaves_the_cache_row_out(capsys):
+    main(["--model", "dit", "--config", "tiny", "--steps", "2", "--repeats", "1", "--cache", "none"])
+    assert "patched + cache" not in capsys.readouterr().out
 
 
 def test_cache_rows_report_blocks_evaluated_and_quality(tmp_path, capsys):

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from dit_kernels.bench import e2e
+from dit_kernels.cache import CacheConfig
 from dit_kernels.bench.report import device_name, markdown, write
 from dit_kernels.models import FAMILY_MODULES
 
@@ -41,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--backend", default="auto", help="patch backend: auto, triton, cuda, torch")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile(eager) row")
-    parser.add_argument("--cache", type=_thresholds, default=(), metavar="T1[,T2,...]",
-                        help="add a patched + step-cache row per threshold (dit_kernels.CacheConfig(threshold=T))")
+    parser.add_argument("--cache", type=_thresholds, default=(CacheConfig().threshold,), metavar="T1[,T2,...]|none",
+                        help="a patched + step-cache row per threshold (dit_kernels.CacheConfig(threshold=T); default: "
+                        f"the default threshold {CacheConfig().threshold}; none: no cache row)")  # fmt: skip
     parser.add_argument("--cuda-graphs", action="store_true", help="add a patched + CUDA graphs row (CUDA only)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path, interleaved (default 3)")
     parser.add_argument("--out", type=Path, default=None, help="write results.md, results.json, results.png here")
@@ -78,7 +80,9 @@ def main(argv=None) -> None:
 
 
 def _thresholds(text: str) -> tuple[float, ...]:
-    """``--cache 0.05,0.1``: one step-cache row per threshold."""
+    """``--cache 0.05,0.1``: one step-cache row per threshold; ``none``: no row."""
+    if text.strip().lower() == "none":
+        return ()
     try:
         return tuple(float(t) for t in text.split(","))
     except ValueError:
