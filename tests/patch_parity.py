@@ -82,3 +82,12 @@ def assert_refused_unchanged(model: torch.nn.Module, message: str, backend: str 
         dit_kernels.patch(model, backend=backend)
     assert not dit_kernels.is_patched(model)
     assert_unchanged(model, before)
+
+
+def assert_compiled_matches(model: torch.nn.Module, inputs: dict) -> None:
+    """The model patched with the reference backend, under ``torch.compile``, gives its eager fp32 output."""
+    truth = forward(model, inputs)
+    dit_kernels.patch(model, backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=False)
+    torch.testing.assert_close(forward(compiled, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)

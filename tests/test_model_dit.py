@@ -16,7 +16,14 @@ from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 
 import dit_kernels
 from dit_kernels.models.shared import FusedAttnProcessor
-from patch_parity import FP32_ATOL, FP32_RTOL, assert_patched_parity, assert_refused_unchanged, forward
+from patch_parity import (
+    FP32_ATOL,
+    FP32_RTOL,
+    assert_compiled_matches,
+    assert_patched_parity,
+    assert_refused_unchanged,
+    forward,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VARIANTS = {
@@ -192,11 +199,7 @@ def test_lora_before_patch_matches_eager():
 def test_patched_model_under_torch_compile_matches_eager():
     model = tiny_dit()
     inputs = dit_inputs(torch.float32)
-    truth = forward(model, inputs)
-    dit_kernels.patch(model, backend="torch")
-    torch._dynamo.reset()
-    compiled = torch.compile(model, dynamic=False)
-    torch.testing.assert_close(forward(compiled, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert_compiled_matches(model, inputs)
 
 
 def test_timestep_projection_is_shared_within_a_call_and_recomputed_for_a_new_timestep():

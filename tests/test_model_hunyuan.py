@@ -17,7 +17,14 @@ import dit_kernels
 from dit_kernels.bench import zoo
 from dit_kernels.models import shared
 from dit_kernels.ops import rope_tables
-from patch_parity import FP32_ATOL, FP32_RTOL, assert_patched_parity, assert_refused_unchanged, forward
+from patch_parity import (
+    FP32_ATOL,
+    FP32_RTOL,
+    assert_compiled_matches,
+    assert_patched_parity,
+    assert_refused_unchanged,
+    forward,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LATENT = (8, 12)  # latent height x width: a 4 x 6 token grid (patch 2), non-square 2-D RoPE
@@ -224,8 +231,4 @@ def test_lora_before_patch():
 def test_patched_model_under_torch_compile_matches_eager():
     model = tiny_hunyuan()
     inputs = hunyuan_inputs(model, torch.float32)
-    truth = forward(model, inputs)
-    dit_kernels.patch(model, backend="torch")
-    torch._dynamo.reset()
-    compiled = torch.compile(model, dynamic=False)
-    torch.testing.assert_close(forward(compiled, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert_compiled_matches(model, inputs)

@@ -15,7 +15,14 @@ from diffusers.models.normalization import FP32LayerNorm
 
 import dit_kernels
 from dit_kernels.models.shared import FusedAttnProcessor
-from patch_parity import FP32_ATOL, FP32_RTOL, assert_patched_parity, assert_refused_unchanged, forward
+from patch_parity import (
+    FP32_ATOL,
+    FP32_RTOL,
+    assert_compiled_matches,
+    assert_patched_parity,
+    assert_refused_unchanged,
+    forward,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TEXT_LEN = 7
@@ -188,8 +195,4 @@ def test_lora_before_patch_matches_eager():
 def test_patched_model_under_torch_compile_matches_eager():
     model = tiny_pixart()
     inputs = pixart_inputs(torch.float32)
-    truth = forward(model, inputs)
-    dit_kernels.patch(model, backend="torch")
-    torch._dynamo.reset()
-    compiled = torch.compile(model, dynamic=False)
-    torch.testing.assert_close(forward(compiled, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert_compiled_matches(model, inputs)

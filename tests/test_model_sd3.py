@@ -16,7 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dit_kernels
 from dit_kernels.bench import zoo
 from dit_kernels.models import sd3, shared
-from patch_parity import FP32_ATOL, FP32_RTOL, assert_patched_parity, assert_refused_unchanged, forward
+from patch_parity import (
+    FP32_ATOL,
+    FP32_RTOL,
+    assert_compiled_matches,
+    assert_patched_parity,
+    assert_refused_unchanged,
+    forward,
+)
 from tolerances import assert_within_eager_bound
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -257,11 +264,7 @@ def test_lora_before_patch_matches_eager(variant):
 def test_patched_model_under_torch_compile_matches_eager():
     model = tiny_sd3("sd35")
     inputs = sd3_inputs(torch.float32)
-    truth = forward(model, inputs)
-    dit_kernels.patch(model, backend="torch")
-    torch._dynamo.reset()
-    compiled = torch.compile(model, dynamic=False)
-    torch.testing.assert_close(forward(compiled, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert_compiled_matches(model, inputs)
 
 
 @pytest.mark.gpu

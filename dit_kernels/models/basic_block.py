@@ -114,10 +114,7 @@ def apply_blocks(transformer: nn.Module, patcher, layout: BlockLayout) -> None:
     """Swap every block's forward and its attention processors for the fused ones."""
     forward = block_forward(patcher.ops, layout)
     for block in transformer.transformer_blocks:
-        patcher.replace_forward(block, forward, _fused_ops(block))
-        for attn in (block.attn1, block.attn2):
-            if attn is not None:
-                patcher.set_processor(attn, FusedAttnProcessor(attn.processor, patcher.ops))
+        patcher.replace_block(block, forward, _fused_ops(block), (block.attn1, block.attn2), FusedAttnProcessor)
 
 
 def _fused_ops(block: BasicTransformerBlock) -> str:

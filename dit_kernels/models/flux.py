@@ -145,13 +145,11 @@ def apply(transformer: FluxTransformer2DModel, patcher) -> None:
     patcher.replace_forward(transformer.pos_embed, _pos_embed_forward, "rope_tables once per call")
     double = _double_block_forward(patcher.ops)
     single = _single_block_forward(patcher.ops)
+    what = "layernorm_modulate x2, gated_residual_layernorm_modulate x2, gated_residual x2"
     for block in transformer.transformer_blocks:
-        patcher.replace_forward(block, double, "layernorm_modulate x2, gated_residual_layernorm_modulate x2, "
-                                               "gated_residual x2")  # fmt: skip
-        patcher.set_processor(block.attn, FluxFusedAttnProcessor(block.attn.processor, patcher.ops))
+        patcher.replace_block(block, double, what, (block.attn,), FluxFusedAttnProcessor)
     for block in transformer.single_transformer_blocks:
-        patcher.replace_forward(block, single, "layernorm_modulate, gated_residual")
-        patcher.set_processor(block.attn, FluxFusedAttnProcessor(block.attn.processor, patcher.ops))
+        patcher.replace_block(block, single, "layernorm_modulate, gated_residual", (block.attn,), FluxFusedAttnProcessor)
 
 
 def _pos_embed_forward(pos_embed: FluxPosEmbed, ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -86,10 +86,8 @@ def apply(transformer: HunyuanDiT2DModel, patcher) -> None:
     forward = _block_forward(patcher.ops)
     for block in transformer.blocks:
         skip = "layernorm_modulate (skip_norm), " if block.skip_linear is not None else ""
-        patcher.replace_forward(block, forward, f"{skip}layernorm_modulate, gated_residual_layernorm_modulate x2, "
-                                                "gated_residual")  # fmt: skip
-        for attn in (block.attn1, block.attn2):
-            patcher.set_processor(attn, FusedAttnProcessor(attn.processor, patcher.ops))
+        what = f"{skip}layernorm_modulate, gated_residual_layernorm_modulate x2, gated_residual"
+        patcher.replace_block(block, forward, what, (block.attn1, block.attn2), FusedAttnProcessor)
 
 
 def _block_forward(ops: OpBackends):

@@ -146,10 +146,7 @@ def apply(transformer: SD3Transformer2DModel, patcher) -> None:
     patcher.replace_forward(transformer.time_text_embed, _time_text_embed_forward(silu), "silu(temb) once per call")
     forward = _block_forward(patcher.ops, silu)
     for block in transformer.transformer_blocks:
-        patcher.replace_forward(block, forward, _fused_ops(block))
-        for attn in (block.attn, block.attn2):
-            if attn is not None:
-                patcher.set_processor(attn, SD3FusedAttnProcessor(attn.processor, patcher.ops))
+        patcher.replace_block(block, forward, _fused_ops(block), (block.attn, block.attn2), SD3FusedAttnProcessor)
 
 
 def _fused_ops(block: JointTransformerBlock) -> str:

@@ -72,6 +72,15 @@ class Patcher:
     def set_processor(self, attention: nn.Module, processor: object) -> None:
         self.set_attr(attention, "processor", processor, type(processor).__name__)
 
+    def replace_block(self, block: nn.Module, forward: Callable, what: str, attentions: Sequence[Optional[nn.Module]],
+                      processor_cls: type) -> None:  # fmt: skip
+        """``block``'s forward becomes ``forward`` (reported as ``what``) and each attention module of
+        ``attentions`` that is there (not None) gets ``processor_cls(its processor, self.ops)``."""
+        self.replace_forward(block, forward, what)
+        for attention in attentions:
+            if attention is not None:
+                self.set_processor(attention, processor_cls(attention.processor, self.ops))
+
     def fallback(self, what: str, why: str) -> None:
         """Something stays on diffusers' eager path; the report says what and why."""
         self.fallbacks.append(f"{what}: {why}")
