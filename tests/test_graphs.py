@@ -294,6 +294,41 @@ def test_lora_injected_after_capture_makes_the_runner_capture_afresh():
     assert not torch.allclose(ours, before) and torch.equal(ours, runner.forward(**inputs, return_dict=False)[0])
 
 
+@torch.no_grad()
+def test_weights_moved_to_other_memory_make_the_runner_capture_afresh():
+    """``weight.data = ...`` (peft's merge) and ``.to()`` rebind parameters without registering anything: the
+    runner notices by address and does not replay a recording of the old memory."""
+    model = flux_model()
+    inputs = zoo.transformer_inputs("flux", model, zoo.Shape(2, 3, 5, 7), torch.float32, seed=1)
+    with backend_for_tests(EagerReplayBackend(strict=True)):
+        dit_kernels.patch(model, backend="torch", cuda_graphs=True)
+    runner = graph_runners(model)["forward"]
+    forward(model, inputs)
+    forward(model, inputs)
+    assert runner.stats["invalidations"] == 0 and runner.stats["captures"] == 1
+    linear = model.transformer_blocks[0].ff.net[2]
+    linear.weight.data = linear.weight.data * 2
+    ours = forward(model, inputs)
+    assert runner.stats["invalidations"] == 1 and runner.stats["captures"] == 2
+    assert torch.equal(ours, runner.forward(**inputs, return_dict=False)[0])
+
+
+@torch.no_grad()
+def test_per_block_runners_refuse_aliasing_with_the_cache():
+    """With the step cache each block has a runner whose outputs are read after later blocks replay:
+    ``alias_outputs`` is refused there (reported), outputs are cloned, results stay the cached eager ones."""
+    inputs = zoo.transformer_inputs("flux", flux_model(), zoo.Shape(2, 3, 5, 7), torch.float32, seed=1)
+    truth_model = flux_model()
+    dit_kernels.patch(truth_model, backend="torch", cache=1e9, cuda_graphs=False)
+    model = flux_model()
+    with backend_for_tests(EagerReplayBackend(), GraphConfig(alias_outputs=True)):
+        report = dit_kernels.patch(model, backend="torch", cache=1e9, cuda_graphs=True)
+    for t in (999.0, 900.0, 800.0):
+        inputs["timestep"] = torch.full((2,), t / 1000)
+        torch.testing.assert_close(forward(model, inputs), forward(truth_model, inputs), rtol=0, atol=0)
+    assert any("alias_outputs is refused" in item for item in report.fallbacks), report.fallbacks
+
+
 def family_shape(family: str, model: nn.Module, height: int, width: int, batch: int = 2) -> zoo.Shape:
     text = {"dit": 0, "hunyuan": model.config.get("text_len")}.get(family, 8)
     return zoo.Shape(batch, height, width, text)

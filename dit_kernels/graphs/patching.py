@@ -50,7 +50,9 @@ def apply(transformer: nn.Module, patcher, cuda_graphs: Union[bool, str], device
         return {}
     names = {id(module): name for name, module in transformer.named_modules()}
     targets = [("forward", transformer)] if cached_blocks is None else [(names[id(b)], b) for b in cached_blocks]
-    runners = {name: install(module, patcher, backend, config, name) for name, module in targets}
+    per_block = cached_blocks is not None
+    runners = {name: install(module, patcher, backend, config, name, may_alias=not per_block)
+               for name, module in targets}  # fmt: skip
     patcher.set_attr(transformer, RUNNERS, runners, f"{len(runners)} graph runner(s), shared memory pool")
     return runners
 
@@ -64,11 +66,13 @@ def _unavailable(transformer: nn.Module, device: torch.device, testing: bool) ->
     return None
 
 
-def install(module: nn.Module, patcher, backend, config: Optional[GraphConfig], label: str) -> GraphRunner:
+def install(module: nn.Module, patcher, backend, config: Optional[GraphConfig], label: str,
+            may_alias: bool = True) -> GraphRunner:  # fmt: skip
     """Wrap ``module.forward`` in a ``GraphRunner`` on ``backend``, recorded by ``patcher``; its fallbacks
-    are reported under ``label``."""
+    are reported under ``label``; ``may_alias=False``: outputs always cloned."""
     prefix = "" if label == "forward" else f"{label}: "
-    runner = GraphRunner(module.forward, backend, config, lambda why: patcher.fallback(WHAT, prefix + why), module)
+    runner = GraphRunner(module.forward, backend, config, lambda why: patcher.fallback(WHAT, prefix + why), module,
+                         may_alias)  # fmt: skip
     patcher.set_attr(module, "forward", runner, f"GraphRunner ({backend.name}): captured per input layout")
     return runner
 

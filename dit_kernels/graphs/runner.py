@@ -8,9 +8,11 @@ and records it on them; then (and for every later call with that key) the inputs
 static buffers, the recording is replayed and the outputs are returned.
 
 Outputs are cloned out of the static output buffers by default. ``GraphConfig.alias_outputs=True``
-returns the static buffers themselves (no copy): they are overwritten by the next replay of any key, so a
-caller may only keep them until its next forward call, which a diffusers denoising loop respects (the
-scheduler consumes ``noise_pred`` before the next step's forward).
+returns the static buffers themselves (no copy): they are overwritten by the next replay of that key, so a
+caller may only keep them until its next forward call. A plain denoising loop respects that; a pipeline
+that calls the transformer twice per step and keeps the first output (FLUX's true CFG with a negative
+prompt, SD3's skip-layer guidance) does not, and neither do the per-block runners of the step cache, which
+refuse it.
 
 At most ``max_keys`` recordings are kept (and at most ``max_bytes`` of static buffers and capture growth,
 when set), least recently used evicted first; a key that comes back is captured again. Once 2 x
@@ -20,8 +22,10 @@ runner releases everything and runs eagerly, saying so (``reset()`` starts over)
 
 A recording replays the modules and parameter tensors it was captured with, so a module of a graphed
 model (``module``, watched with all its submodules) getting a submodule or a parameter assigned (peft
-injecting LoRA layers, a module swap, a new weight ``Parameter``) releases every recording and captures
-afresh (``stats["invalidations"]``); in-place weight updates need nothing. Python-level settings the
+injecting LoRA layers, a module swap, a new weight ``Parameter``), or its parameters and buffers moving
+to other memory (``.to()``, ``.half()``, ``weight.data = ...``: checked by address on every call),
+releases every recording and captures afresh (``stats["invalidations"]``); in-place weight updates
+(``copy_``, ``load_state_dict``) need nothing. Python-level settings the
 forward reads (LoRA adapter scales, the attention backend) are not seen: ``reset()`` after changing them.
 
 A key whose capture fails runs eagerly from then on, the reason reported once (``on_fallback``); a call
@@ -98,9 +102,10 @@ class GraphRunner:
 
     def __init__(self, forward: Callable, backend, config: Optional[GraphConfig] = None,
                  on_fallback: Callable[[str], None] = lambda why: None,
-                 module: Optional[nn.Module] = None):  # fmt: skip
+                 module: Optional[nn.Module] = None, may_alias: bool = True):  # fmt: skip
         self.forward = forward
         self.module = module
+        self.may_alias = may_alias  # False: outputs always cloned (``alias_outputs`` reported as refused)
         self.backend = backend
         self.config = config or GraphConfig()
         self.on_fallback = on_fallback
@@ -117,7 +122,7 @@ class GraphRunner:
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():  # torch.compile traces the forward itself (and has its own graphs)
             return self.forward(*args, **kwargs)
-        if self._structure != _structure_changes:
+        if self._structure != _structure_changes or self._weights != self._weights_now():
             self.stats["invalidations"] += bool(self._entries)
             self.reset()
         keyed = self.disabled or self._key(args, kwargs)
@@ -138,8 +143,13 @@ class GraphRunner:
         self.backend.replay(entry.handle)
         self.stats["replays"] += 1
         entry.replays += 1
-        outputs = entry.outputs if self.config.alias_outputs else [t.clone() for t in entry.outputs]
-        return rebuild(entry.out_skeleton, outputs)
+        return rebuild(entry.out_skeleton, entry.outputs if self._aliases() else [t.clone() for t in entry.outputs])
+
+    def _aliases(self) -> bool:
+        if self.config.alias_outputs and not self.may_alias:
+            self._report("alias_outputs is refused here (a per-block runner's outputs are read after later "
+                         "blocks replay); outputs are cloned")  # fmt: skip
+        return self.config.alias_outputs and self.may_alias
 
     def _key(self, args: tuple, kwargs: dict):
         """``(key, tensors)``, or the reason (a str) this call cannot be captured."""
@@ -231,8 +241,17 @@ class GraphRunner:
             self.backend.release(self._entries.popitem()[1].handle)
         self.failed.clear()
         self._single_use, self.disabled, self._structure = 0, None, _structure_changes
+        self._weights = self._weights_now()
         if self.module is not None:  # modules added since (LoRA layers) are watched too
             _watched.update(self.module.modules())
+
+    def _weights_now(self) -> tuple:
+        """Where the watched module's parameters and buffers live: ``.to()``, ``.half()`` or a ``.data =``
+        rebinding (peft's merge) moves them without registering anything, and a recording would read the
+        old addresses."""
+        if self.module is None:
+            return ()
+        return tuple(t.data_ptr() for t in (*self.module.parameters(), *self.module.buffers()))
 
 
 def _first_cause(err: BaseException) -> str:

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, LabelEmbedding, Timesteps
 from diffusers.models.normalization import AdaLayerNormZero
-from torch import Tensor, nn
+from torch import Tensor
 
 from dit_kernels.models import basic_block
-from dit_kernels.models.shared import check_type, modulation
+from dit_kernels.models.shared import TensorMemo, check_type, modulation
 
 FAMILY = "dit"
 TRANSFORMER_CLASS = DiTTransformer2DModel
@@ -34,35 +33,16 @@ def _modulation(block: BasicTransformerBlock, hidden_states: Tensor, timestep: O
     through the block's own modules; only the weightless sinusoidal projection of the timestep, the same in
     every block, is shared (``_SINUSOIDS``)."""
     emb = block.norm1.emb
-    projected = _SINUSOIDS(emb.time_proj, timestep)
+    time_proj = emb.time_proj
+    config = (time_proj.num_channels, time_proj.flip_sin_to_cos, time_proj.downscale_freq_shift, time_proj.scale)
+    projected = _SINUSOIDS(time_proj, timestep, config)
     conditioning = emb.timestep_embedder(projected.to(dtype=hidden_states.dtype)) + emb.class_embedder(class_labels)
     return modulation(block.norm1, conditioning, 6)
 
 
-class _SinusoidMemo:
-    """``time_proj(timestep)`` computed once per transformer call instead of once per block (~12 small launches
-    each): the last result is reused while the same timestep tensor, unmodified (same ``_version``), comes
-    with a projection of the same configuration. Not under torch.compile or CUDA-graph capture (there the
-    projection is recorded in every block, as diffusers does)."""
-
-    def __init__(self):
-        self.entry: Optional[tuple] = None  # (timestep, its _version, projection config, projection)
-
-    def __call__(self, time_proj: nn.Module, timestep: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() or _capturing():
-            return time_proj(timestep)
-        config = (time_proj.num_channels, time_proj.flip_sin_to_cos, time_proj.downscale_freq_shift, time_proj.scale)
-        entry = self.entry  # one read: another thread replacing it cannot mix two entries
-        if entry is None or entry[0] is not timestep or entry[1:3] != (timestep._version, config):
-            entry = self.entry = (timestep, timestep._version, config, time_proj(timestep))
-        return entry[3]
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-_SINUSOIDS = _SinusoidMemo()
+# The weightless sinusoidal projection (``time_proj``, ~12 small launches) is the same in every block: computed
+# once per transformer call, keyed by the projection's configuration.
+_SINUSOIDS = TensorMemo()
 
 
 def _check(block: BasicTransformerBlock, name: str) -> None:

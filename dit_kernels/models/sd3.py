@@ -19,7 +19,7 @@ and the block returns ``(None, h)``. diffusers clips nothing in these blocks (no
 ``ff`` in chunks after ``enable_forward_chunking``: so does the patched block (same ``_chunked_feed_forward``).
 
 ``silu(temb)``: every AdaLN of every block applies its own SiLU to the same ``temb``. The patched
-``time_text_embed`` computes it once per call (``_SiluOfTemb``) and each block reuses it when handed that
+``time_text_embed`` computes it once per call (a ``TensorMemo``) and each block reuses it when handed that
 very tensor; eager per block: 2 SiLU launches, patched: none.
 
 Attention (``JointAttnProcessor2_0``: concatenation order **[image, text]**, no RoPE, no mask: it ignores
@@ -54,6 +54,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZ
 from torch import Tensor, nn
 
 from dit_kernels.models.shared import (
+    TensorMemo,
     block_feed_forward,
     is_plain_linear,
     plain_inference,
@@ -142,7 +143,7 @@ def _check_unwrapped(module: nn.Module, name: str) -> None:
 
 def apply(transformer: SD3Transformer2DModel, patcher) -> None:
     """Swap time_text_embed's forward, every block's forward and every attention processor."""
-    silu = _SiluOfTemb()
+    silu = TensorMemo()
     patcher.replace_forward(transformer.time_text_embed, _time_text_embed_forward(silu), "silu(temb) once per call")
     forward = _block_forward(patcher.ops, silu)
     for block in transformer.transformer_blocks:
@@ -157,44 +158,23 @@ def _fused_ops(block: JointTransformerBlock) -> str:
     return ", ".join(op if n == 1 else f"{op} x{n}" for op, n in counts.items())
 
 
-class _SiluOfTemb:
-    """``silu(temb)`` computed once per transformer call and shared by every AdaLN of every block.
-
-    The patched ``time_text_embed`` remembers the ``temb`` it returns and its SiLU; ``of(temb)`` returns
-    that SiLU when handed the very same tensor, and computes it otherwise (a block called on its own).
-    Under torch.compile nothing is remembered: the compiler sees every SiLU and merges what it can."""
-
-    def __init__(self):
-        self.temb: Optional[Tensor] = None
-        self.silu: Optional[Tensor] = None
-
-    def remember(self, temb: Tensor) -> None:
-        if not torch.compiler.is_compiling():
-            self.temb, self.silu = temb, F.silu(temb)
-
-    def of(self, temb: Tensor) -> Tensor:
-        if temb is self.temb and not torch.compiler.is_compiling():
-            return self.silu
-        return F.silu(temb)
-
-
-def _time_text_embed_forward(silu: _SiluOfTemb):
-    """CombinedTimestepTextProjEmbeddings.forward, remembering ``silu(temb)`` for the blocks."""
+def _time_text_embed_forward(silu: TensorMemo):
+    """CombinedTimestepTextProjEmbeddings.forward, computing ``silu(temb)`` for the blocks (``silu``)."""
 
     def forward(embed, timestep, pooled_projection):
         temb = CombinedTimestepTextProjEmbeddings.forward(embed, timestep, pooled_projection)
-        silu.remember(temb)
+        silu(F.silu, temb)
         return temb
 
     return forward
 
 
-def _block_forward(ops: OpBackends, silu: _SiluOfTemb):
+def _block_forward(ops: OpBackends, silu: TensorMemo):
     """JointTransformerBlock.forward on fused ops (the math in the module docstring)."""
 
     def forward(block, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
         joint_attention_kwargs = joint_attention_kwargs or {}
-        conditioning = silu.of(temb)
+        conditioning = silu(F.silu, temb)
         img = block.norm1.linear(conditioning).chunk(9 if block.use_dual_attention else 6, dim=1)
         txt = _context_modulation(block, conditioning, encoder_hidden_states.dtype)
         attn_img, attn_txt = block.attn(
