@@ -112,7 +112,7 @@ def patch(
         if step_cache is not None:  # after the kernel swaps: it wraps the fused block forwards
             pipe = None if pipe_or_transformer is transformer else pipe_or_transformer
             scheduler = getattr(pipe, "scheduler", None)
-            step_cache.attach(transformer, patcher, scheduler)
+            step_cache.attach(transformer, patcher, scheduler, pipe)
             report.cache = step_cache.describe(pipeline=scheduler is not None)
     except BaseException:
         patcher.undo()

@@ -83,3 +83,30 @@ def test_second_call_equals_a_fresh_pipeline_call(name, kernels):
     # per call: steps 0 (warm-up) and 7 (final) computed, at most 2 skips in a row: c s s c s s c c
     assert [decision["decision"][0] for decision in calls[-1]["trace"]] == list("csscsscc")
     assert [c["num_steps"] for c in calls] == [STEPS, STEPS] and calls[-1]["hit_rate"] == 0.5
+
+
+def test_steps_left_follow_img2img_starts_and_second_order_schedulers():
+    from diffusers import FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler
+
+    from dit_kernels.cache.step_cache import steps_left
+
+    euler = FlowMatchEulerDiscreteScheduler()
+    euler.set_timesteps(10)
+    assert steps_left(euler) == 10
+    euler.set_begin_index(4)  # img2img at strength 0.6: the loop runs the last 6 timesteps
+    assert steps_left(euler) == 6
+    heun = HeunDiscreteScheduler()
+    heun.set_timesteps(10)  # 19 timesteps, every one but the first visited twice: 10 steps
+    assert len(heun.timesteps) == 19 and steps_left(heun) == 10
+
+
+def test_a_scheduler_swapped_in_after_patch_still_gives_each_call_its_step_count():
+    """``pipe.scheduler = ...`` after ``patch``: the new scheduler has no hook, so the next call is found by
+    its rising timestep, and its step count is read from the pipeline's scheduler of the moment."""
+    case = CASES["flux"]
+    with cached(case, kernels=False, cache=0.0) as pipe:
+        pipe(**dict(case.call, num_inference_steps=STEPS), generator=torch.Generator().manual_seed(0))
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        pipe(**dict(case.call, num_inference_steps=5), generator=torch.Generator().manual_seed(0))
+        calls = dit_kernels.cache_stats(pipe)["calls"]
+    assert [(c["num_steps"], c["steps"]) for c in calls] == [(STEPS, STEPS), (5, 5)]

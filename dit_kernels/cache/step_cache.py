@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import math
 import weakref
 from typing import Callable, Optional
 
@@ -61,6 +62,7 @@ class StepCache:
         self.calls: collections.deque[CallStats] = collections.deque(maxlen=KEEP_CALLS)
         self.run: Optional[_Run] = None
         self.num_steps: Optional[int] = None
+        self._pipe: Optional[weakref.ref] = None
         self.warned = False
         self._clear()
 
@@ -108,7 +110,7 @@ class StepCache:
         t = None if t is None else torch.as_tensor(t).float().max().item()
         rose = t is not None and self.timestep is not None and t > self.timestep
         if self.key is not None and (key != self.key or rose):
-            self.reset(self.num_steps)
+            self.reset(self._steps_of_pipeline() or self.num_steps)
         self.key = key
         if t is None or t != self.timestep:
             self.step, self.branch, self.timestep = self.step + 1, 0, t
@@ -119,8 +121,11 @@ class StepCache:
 
     # ------------------------------------------------------------------------------------- wrappers
 
-    def attach(self, transformer: nn.Module, patcher, scheduler=None) -> None:
-        """Wrap the blocks, the transformer and (given) the scheduler's set_timesteps through ``patcher``."""
+    def attach(self, transformer: nn.Module, patcher, scheduler=None, pipe=None) -> None:
+        """Wrap the blocks, the transformer and (given) the scheduler's set_timesteps / set_begin_index
+        through ``patcher``; ``pipe``: the pipeline, whose scheduler of the moment gives the step count on
+        an automatic reset (a scheduler swapped in after ``patch`` has no hook)."""
+        self._pipe = None if pipe is None else weakref.ref(pipe)
         head = self.config.head_blocks
         for index, block in enumerate(self.blocks):
             role = "head, always computed" if index < head else "cached"
@@ -129,6 +134,9 @@ class StepCache:
         if scheduler is not None:
             patcher.set_attr(scheduler, "set_timesteps", self._set_timesteps(scheduler),
                              "step cache: resets at each pipeline call")  # fmt: skip
+        if scheduler is not None and hasattr(scheduler, "set_begin_index"):
+            patcher.set_attr(scheduler, "set_begin_index", self._set_begin_index(scheduler),
+                             "step cache: steps left after an img2img start")  # fmt: skip
 
     def describe(self, pipeline: bool) -> list[str]:
         """The report's cache lines (``pipeline``: the scheduler hook is on)."""
@@ -168,10 +176,37 @@ class StepCache:
         @functools.wraps(original)  # keeps the signature: pipelines inspect it for `timesteps` / `sigmas`
         def set_timesteps(*args, **kwargs):
             result = original(*args, **kwargs)
-            self.reset(len(scheduler.timesteps))
+            self.reset(steps_left(scheduler))
             return result
 
         return set_timesteps
+
+    def _set_begin_index(self, scheduler) -> Callable:
+        original = scheduler.set_begin_index
+
+        @functools.wraps(original)
+        def set_begin_index(*args, **kwargs):
+            result = original(*args, **kwargs)
+            self.num_steps = steps_left(scheduler)
+            if self.current is not None:
+                self.current.num_steps = self.num_steps
+            return result
+
+        return set_begin_index
+
+    def _steps_of_pipeline(self) -> Optional[int]:
+        pipe = None if self._pipe is None else self._pipe()
+        return None if pipe is None else steps_left(getattr(pipe, "scheduler", None))
+
+
+def steps_left(scheduler) -> Optional[int]:
+    """Denoising steps a scheduler has ahead: its timesteps after ``begin_index`` (img2img starts late), one
+    step per ``order`` timesteps (Heun visits each but the first twice); None when it has none yet."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    begin = getattr(scheduler, "begin_index", None) or 0
+    return math.ceil((len(timesteps) - begin) / getattr(scheduler, "order", 1))
 
 
 class _Run:
