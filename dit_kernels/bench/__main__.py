@@ -1,7 +1,8 @@
 """``python -m dit_kernels.bench`` (also ``dit-kernels-bench``): the README's main job.
 
-A denoising loop of one family's transformer (random weights, built from a config: no download), eager
-diffusers vs ``dit_kernels.patch``-ed (and ``torch.compile`` with --compile), same process, same inputs,
+A denoising loop of one family's transformer (random weights, built from a config: no download): eager
+diffusers, ``dit_kernels.patch``-ed, patched + step cache (--cache; by default at the default threshold),
+patched + CUDA graphs (--cuda-graphs, CUDA only) and torch.compile (--compile); same process, same inputs,
 interleaved repetitions after a warm-up, medians. Prints a markdown table with the device it ran on;
 ``--out DIR`` also writes results.md, results.json and results.png (matplotlib, optional).
 Op-level tables: ``python -m dit_kernels.bench.op_table``; the launch/traffic model of each family's
@@ -36,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "fewest blocks; default on CUDA), real (published config: GPU only in practice)",
     )  # fmt: skip
     parser.add_argument("--size", type=int, default=256, help="image side in pixels; latent side = size / 8")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="images per transformer call (default 1)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per run (default 20)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
