@@ -16,14 +16,8 @@ from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 
 import dit_kernels
 from dit_kernels.models.shared import FusedAttnProcessor
-from patch_parity import (
-    FP32_ATOL,
-    FP32_RTOL,
-    assert_compiled_matches,
-    assert_patched_parity,
-    assert_refused_unchanged,
-    forward,
-)
+from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
+from patch_parity import assert_refused_unchanged, forward
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VARIANTS = {

@@ -17,14 +17,8 @@ import dit_kernels
 from dit_kernels.bench import zoo
 from dit_kernels.models import shared
 from dit_kernels.ops import rope_tables
-from patch_parity import (
-    FP32_ATOL,
-    FP32_RTOL,
-    assert_compiled_matches,
-    assert_patched_parity,
-    assert_refused_unchanged,
-    forward,
-)
+from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
+from patch_parity import assert_refused_unchanged, forward
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LATENT = (8, 12)  # latent height x width: a 4 x 6 token grid (patch 2), non-square 2-D RoPE

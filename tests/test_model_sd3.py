@@ -16,14 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dit_kernels
 from dit_kernels.bench import zoo
 from dit_kernels.models import sd3, shared
-from patch_parity import (
-    FP32_ATOL,
-    FP32_RTOL,
-    assert_compiled_matches,
-    assert_patched_parity,
-    assert_refused_unchanged,
-    forward,
-)
+from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
+from patch_parity import assert_refused_unchanged, forward
 from tolerances import assert_within_eager_bound
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
