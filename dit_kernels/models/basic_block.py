@@ -146,7 +146,8 @@ def block_forward(ops: OpBackends, layout: BlockLayout):
             attn = block.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                attention_mask=encoder_attention_mask, **kwargs)  # fmt: skip
             gate_msa = None
-        return gated_feed_forward(hidden_states, attn, (gate_msa, *mlp), ff_norm(block), block_feed_forward(block, block.ff), ops)
+        ff = block_feed_forward(block, block.ff)
+        return gated_feed_forward(hidden_states, attn, (gate_msa, *mlp), ff_norm(block), ff, ops)
 
     return forward
 

@@ -4,8 +4,9 @@ Each block is a ``BasicTransformerBlock`` with ``norm_type="ada_norm_zero"`` (th
 ``basic_block``, 3 launches per block): norm1 is an ``AdaLayerNormZero`` that embeds the timestep and class
 label again in every block with its own weights (``norm1.emb``, a ``CombinedTimestepLabelEmbeddings``), as
 diffusers does (only the weightless sinusoidal timestep projection is computed once per call), then
-``norm1.linear(silu(emb)).chunk(6)`` -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp [B, D]; ``norm1.norm`` (LayerNorm, no affine, eps 1e-6) before the self-attention, ``norm3``
-(LayerNorm, no affine, eps ``norm_eps`` = 1e-5) before the gelu-tanh feed-forward; no cross-attention.
+``norm1.linear(silu(emb)).chunk(6)`` -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp [B, D];
+``norm1.norm`` (LayerNorm, no affine, eps 1e-6) before the self-attention, ``norm3`` (LayerNorm, no affine,
+eps ``norm_eps`` = 1e-5) before the gelu-tanh feed-forward; no cross-attention.
 The model's own embedding and Linear modules are called (LoRA-safe). DiT takes square latents only.
 """
 

@@ -125,12 +125,10 @@ def _check_ada_norm(norm: nn.Module, cls: type, name: str) -> None:
     _check_type(norm.norm, nn.LayerNorm, f"{name}.norm")
 
 
-def _check_type(module: object, cls: type, name: str) -> None:
-    check_type(module, cls, name, FAMILY)
+_check_type = functools.partial(check_type, family=FAMILY)
 
 
-def _check_unwrapped(module: nn.Module, name: str) -> None:
-    check_unwrapped(module, name, FAMILY)
+_check_unwrapped = functools.partial(check_unwrapped, family=FAMILY)
 
 
 def _attentions(transformer: FluxTransformer2DModel) -> list[FluxAttention]:
@@ -149,7 +147,8 @@ def apply(transformer: FluxTransformer2DModel, patcher) -> None:
     for block in transformer.transformer_blocks:
         patcher.replace_block(block, double, what, (block.attn,), FluxFusedAttnProcessor)
     for block in transformer.single_transformer_blocks:
-        patcher.replace_block(block, single, "layernorm_modulate, gated_residual", (block.attn,), FluxFusedAttnProcessor)
+        patcher.replace_block(block, single, "layernorm_modulate, gated_residual", (block.attn,),
+                              FluxFusedAttnProcessor)  # fmt: skip
 
 
 def _pos_embed_forward(pos_embed: FluxPosEmbed, ids: Tensor) -> tuple[Tensor, Tensor]:

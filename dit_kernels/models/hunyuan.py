@@ -31,6 +31,7 @@ processor, diffusers' fused QKV projections, another norm type, a forward alread
 
 from __future__ import annotations
 
+import functools
 import torch
 from diffusers import HunyuanDiT2DModel
 from diffusers.models.attention_processor import HunyuanAttnProcessor2_0
@@ -74,8 +75,7 @@ def _validate_block(block: nn.Module, name: str) -> None:
         validate_legacy_attention(getattr(block, attn), HunyuanAttnProcessor2_0, f"{name}.{attn}", FAMILY)
 
 
-def _check_type(module: object, cls: type, name: str) -> None:
-    check_type(module, cls, name, FAMILY)
+_check_type = functools.partial(check_type, family=FAMILY)
 
 
 # ----------------------------------------------------------------------------------------- apply

@@ -130,12 +130,10 @@ def _validate_attention(attn: nn.Module, name: str, joint: bool, context_pre_onl
     check_qk_norms(attn, [("norm_q", "norm_k")] + [("norm_added_q", "norm_added_k")] * joint, name, FAMILY)
 
 
-def _check_type(module: object, cls: type, name: str) -> None:
-    check_type(module, cls, name, FAMILY)
+_check_type = functools.partial(check_type, family=FAMILY)
 
 
-def _check_unwrapped(module: nn.Module, name: str) -> None:
-    check_unwrapped(module, name, FAMILY)
+_check_unwrapped = functools.partial(check_unwrapped, family=FAMILY)
 
 
 # ----------------------------------------------------------------------------------------- apply
@@ -187,7 +185,8 @@ def _block_forward(ops: OpBackends, silu: TensorMemo):
             normed2 = modulate(hidden_states, block.norm1.norm, img[6], img[7], ops)
             residual = gated_residual(hidden_states, attn_img, img[2], backend=ops.fused)
             attn_img, tail = block.attn2(hidden_states=normed2, **joint_attention_kwargs), (img[8], *img[3:6])
-        hidden_states = gated_feed_forward(residual, attn_img, tail, block.norm2, block_feed_forward(block, block.ff), ops)
+        ff = block_feed_forward(block, block.ff)
+        hidden_states = gated_feed_forward(residual, attn_img, tail, block.norm2, ff, ops)
         if block.context_pre_only:
             return None, hidden_states
         encoder_hidden_states = gated_feed_forward(encoder_hidden_states, attn_txt, txt[2:], block.norm2_context,
