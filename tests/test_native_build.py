@@ -59,6 +59,7 @@ def test_backend_report_is_data_and_printable():
         assert isinstance(availability.available, bool) and availability.reason
     printed = subprocess.run([sys.executable, "-m", "dit_kernels.backends"], capture_output=True, text=True, check=True)
     assert "cuda_emulation" in printed.stdout
+    assert "RuntimeWarning" not in printed.stderr  # runpy's "found in sys.modules": the CLI is a __main__
 
 
 def test_triton_backend_without_gpu_or_interpreter_says_how_to_enable_it():

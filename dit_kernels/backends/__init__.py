@@ -44,7 +44,7 @@ class Availability:
 
 def _build_info() -> dict:
     """What setup.py recorded at build time (nvcc found or not, and why)."""
-    path = Path(__file__).with_name("_build_info.json")
+    path = Path(__file__).parent.with_name("_build_info.json")  # dit_kernels/_build_info.json
     if not path.exists():
         return {"nvcc": None, "reason": "no _build_info.json: the package was not built with setup.py"}
     return json.loads(path.read_text())
@@ -192,12 +192,3 @@ def _best(device: torch.device) -> str:
 def _log_once(message: str) -> None:
     log.warning(message)
 
-
-def main() -> None:
-    for availability in report().values():
-        mark = "yes" if availability.available else "no "
-        print(f"{availability.name:16s} {mark}  {availability.reason}")
-
-
-if __name__ == "__main__":
-    main()
