@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+TITLE_WIDTH = 95  # characters per title line: fits a 7-inch figure at font size 8 with room to spare
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -20,6 +22,18 @@ def markdown(rows: list[dict], header: str) -> str:
     for row in rows:
         cells = (f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values())
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def wrap_header(header: str, width: int = TITLE_WIDTH) -> str:
+    """The header's ``" | "``-separated fields on lines of at most ``width`` characters (a field longer
+    than that on a line of its own), so a plot title fits its figure."""
+    lines: list[str] = []
+    for field in header.split(" | "):
+        if lines and len(lines[-1]) + 3 + len(field) <= width:
+            lines[-1] += " | " + field
+        else:
+            lines.append(field)
     return "\n".join(lines)
 
 
@@ -37,15 +51,25 @@ def write(out: Path, table: str, payload: dict, plot_rows: list[dict] | None = N
         import matplotlib.pyplot as plt
     except ImportError:
         return ["results.png not written: matplotlib is not installed (pip install 'dit-kernels[plot]')"]
-    figure, axis = plt.subplots(figsize=(7, 0.6 * len(plot_rows) + 1.5))
-    labels = [row["path"] for row in plot_rows]
-    axis.barh(labels, [row["ms/step"] for row in plot_rows], color="#4a7fb5")
-    for y, row in enumerate(plot_rows):
-        axis.text(row["ms/step"], y, f" {row['vs eager']:.2f}x", va="center")
-    axis.invert_yaxis()
-    axis.set_xlabel("ms per denoising step (median)")
-    axis.set_title(title, fontsize=8)
-    figure.tight_layout()
+    figure = plot(plot_rows, title)
     figure.savefig(out / "results.png", dpi=120)
     plt.close(figure)
     return []
+
+
+def plot(rows: list[dict], title: str):
+    """A matplotlib figure: one bar per row (``path``, ``ms/step``), its ``vs eager`` ratio printed after
+    it, ``title`` (the header line) wrapped to the figure's width above."""
+    import matplotlib.pyplot as plt
+
+    title = wrap_header(title)
+    lines = title.count("\n") + 1
+    figure, axis = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.3 + 0.15 * lines), layout="constrained")
+    axis.barh([row["path"] for row in rows], [row["ms/step"] for row in rows], color="#4a7fb5")
+    for y, row in enumerate(rows):
+        axis.text(row["ms/step"], y, f" {row['vs eager']:.2f}x", va="center")
+    axis.margins(x=0.15)  # room for the ratio printed after the longest bar
+    axis.invert_yaxis()
+    axis.set_xlabel("ms per denoising step (median)")
+    figure.suptitle(title, fontsize=8)  # the figure's width, not the axes': the labels take the left part
+    return figure
