@@ -1,4 +1,4 @@
-"""CUDA-graph runner for the drop-in transformer forward (DESIGN.md §6).
+"""CUDA-graph runner for the drop-in transformer forward (docs/architecture.md, "CUDA graphs").
 
 ``patch(pipe, cuda_graphs=True | "auto")`` on CUDA wraps the transformer's forward in a ``GraphRunner``:
 per input layout (shapes, strides, dtypes, devices and every non-tensor argument) it warms the forward
