@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="model family with a patcher (default flux)")
     parser.add_argument(
         "--config", choices=("tiny", "small", "real"), default=None,
-        help="widths: tiny (milliseconds per forward on CPU; default on CPU), small (DiT-S/2; other families: real width, "
+        help="widths: tiny (ms per forward on CPU; default there), small (DiT-S/2; other families: real width, "
         "fewest blocks; default on CUDA), real (published config: GPU only in practice)",
     )  # fmt: skip
     parser.add_argument("--size", type=int, default=256, help="image side in pixels; latent side = size / 8")
