@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import dit_kernels
-from dit_kernels.bench import traffic, zoo
-from dit_kernels.models import FAMILY_MODULES
+from dit_kernels.bench import zoo
+from dit_kernels.models import FAMILY_MODULES, family_named
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -21,8 +21,8 @@ DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 def _shape(family: str) -> zoo.Shape:
     if DEVICE.type == "cuda":
-        return traffic.REAL_SHAPES[family]
-    return zoo.Shape(1, 16, 16, 0 if family == "dit" else 32)
+        return family_named(family).traffic_shape
+    return zoo.Shape(1, 16, 16, min(32, zoo.default_text_len(family, family_named(family).configs["tiny"])))
 
 
 @pytest.fixture(scope="module", params=FAMILY_MODULES)

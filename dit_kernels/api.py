@@ -1,4 +1,4 @@
-"""``patch`` / ``unpatch``: find the transformer, pick its family patcher, check everything, apply, report.
+"""``patch`` / ``unpatch``: find the transformer, look up its ``Family``, check everything, apply, report.
 
 Nothing changes until every check has passed (the object, its family, its parameters, the family's
 config checks, the backends); if applying fails half-way the swaps made so far are undone before the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from dit_kernels import backends, graphs
 from dit_kernels.cache import StepCache, as_config
 from dit_kernels.cache import validate as validate_cache
 from dit_kernels.models import family_of, supported_classes
-from dit_kernels.models.shared import OpBackends, Patcher
+from dit_kernels.patching import EAGER, OPS, OpBackends, Patcher, find_transformer
 
 log = logging.getLogger("dit_kernels")
 
@@ -29,8 +29,9 @@ BACKEND_CHOICES = ("auto", "triton", "cuda", "torch", "cuda_emu")
 
 @dataclass
 class PatchReport:
-    """What ``patch`` did: the family, the backend of each op family and why, every module attribute it
-    replaced, and everything left on diffusers' eager path with the reason."""
+    """What ``patch`` did: the family, each op's switch and backend and why (``backends``, keyed by
+    "norm", "rope", "attention"), every module attribute it replaced, and everything left on diffusers'
+    eager path with the reason."""
 
     family: str
     transformer_class: str
@@ -62,13 +63,18 @@ class _PatchState:
 def patch(
     pipe_or_transformer,
     *,
-    kernels: bool = True,
+    kernels: Union[bool, Mapping[str, bool]] = True,
     backend: str = "auto",
     cache=None,
-    cuda_graphs: Union[bool, str] = "auto",
+    cuda_graphs: Union[bool, str, graphs.GraphConfig] = "auto",
 ) -> PatchReport:
     """Swap the fused ops into a diffusers pipeline's transformer (or a transformer) in place.
 
+    ``kernels``: True (every fused op), False (none: diffusers' eager modules, e.g. under a step cache), or
+    per-op switches ``{"norm": bool, "rope": bool, "attention": bool}`` (a missing key is on): "norm" the
+    blocks' norm / modulate / gated residual ops (the block forwards), "rope" the per-head q/k norm + RoPE
+    (``qk_norm_rope``), "attention" ``joint_attention``; an op switched off runs diffusers' own computation,
+    so a difference can be bisected op by op. ValueError naming an unknown key or a non-bool value.
     ``backend``: "auto" (CUDA tensors: Triton kernels, attention chosen per shape; CPU tensors: the torch
     reference), "triton" (on CPU only under ``TRITON_INTERPRET=1``), "cuda" (the ``_C`` kernels), "torch",
     or "cuda_emu" (the ``_C`` kernel source emulated on CPU; tests only). Raises TypeError for an object
@@ -81,8 +87,9 @@ def patch(
     pipeline call. TypeError/ValueError for a bad value, before anything changes.
 
     ``cuda_graphs``: "auto" (default) replays the forward from CUDA graphs captured per input layout when
-    the model is on CUDA, and does nothing elsewhere; True also reports why not on another device; False
-    never (``dit_kernels.graphs``: with ``cache``, one graph per block around the cache's decision)."""
+    the model is on CUDA, and does nothing elsewhere; True also reports why not on another device; a
+    ``dit_kernels.graphs.GraphConfig``: as True, with that config; False never (``dit_kernels.graphs``: with
+    ``cache``, one graph per block around the cache's decision)."""
     transformer = _find_transformer(pipe_or_transformer)
     state = transformer.__dict__.get(_STATE)
     if state is not None:
@@ -91,21 +98,21 @@ def patch(
     if family is None:
         raise TypeError(_unsupported(transformer))
     device, dtype = _check_parameters(transformer)
+    switches = _switches(kernels)
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
-    if cuda_graphs not in (True, False, "auto"):
-        raise ValueError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
+    graphs.check_option(cuda_graphs)
     config = as_config(cache)
     family.validate(transformer)
     if config is not None:
-        validate_cache(transformer, config)
-    ops, why = _op_backends(backend, device, kernels)
+        validate_cache(transformer, family.blocks, config)
+    ops, why = _op_backends(backend, device, switches)
     patcher = Patcher(ops)
     patcher.name_modules(transformer)
-    report = PatchReport(family.FAMILY, type(transformer).__name__, str(device), str(dtype).removeprefix("torch."))
-    step_cache = None if config is None else StepCache(transformer, config)
+    report = PatchReport(family.name, type(transformer).__name__, str(device), str(dtype).removeprefix("torch."))
+    step_cache = None if config is None else StepCache(transformer, family.blocks, config)
     try:
-        if kernels:
+        if any(switches.values()):
             family.apply(transformer, patcher)
         # before the cache attaches: with it, each block's runner sits inside the cache's block wrapper
         graphs.apply(transformer, patcher, cuda_graphs, device, None if step_cache is None else step_cache.blocks)
@@ -177,12 +184,10 @@ def _step_cache(pipe_or_transformer) -> StepCache:
 
 
 def _find_transformer(obj) -> nn.Module:
-    if isinstance(obj, nn.Module):
-        return obj
-    transformer = getattr(obj, "transformer", None)
-    if isinstance(transformer, nn.Module):
-        return transformer
-    raise TypeError(_unsupported(obj))
+    try:
+        return find_transformer(obj)
+    except TypeError:
+        raise TypeError(_unsupported(obj)) from None
 
 
 def _unsupported(obj) -> str:
@@ -194,24 +199,82 @@ def _unsupported(obj) -> str:
 
 
 def _check_parameters(transformer: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """One device (not meta) and one floating dtype, except the fp32 parameters diffusers keeps when it loads
+    a model in fp16/bf16 (the class's ``_keep_in_fp32_modules``), accepted where only a fused op that
+    computes in fp32 reads them (a norm's weight and bias); ValueError naming the module otherwise."""
     tensors = list(transformer.parameters()) + list(transformer.buffers())
     devices = {t.device for t in tensors}
-    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
     name = type(transformer).__name__
     if any(d.type == "meta" for d in devices):
         raise ValueError(f"{name} has parameters on the meta device; load its weights before dit_kernels.patch")
     if len(devices) != 1:
         raise ValueError(f"{name} has parameters on several devices {sorted(map(str, devices))}; move it to one")
+    kept = _kept_in_fp32(transformer)
+    dtypes = {t.dtype for module_name, t in _named_floats(transformer) if module_name not in kept}
     if len(dtypes) != 1:
         names = sorted(str(d).removeprefix("torch.") for d in dtypes)
         raise ValueError(f"{name} mixes parameter dtypes {names}; cast it to one dtype (e.g. .to(torch.bfloat16))")
-    return devices.pop(), dtypes.pop()
+    dtype = dtypes.pop()
+    for module_name in kept:
+        module = transformer.get_submodule(module_name)
+        if not _is_norm(module) and any(t.dtype != dtype for t in _own_floats(module)):
+            raise ValueError(
+                f"{name}.{module_name} ({type(module).__name__}) is kept in float32 (_keep_in_fp32_modules) in a "
+                f"{str(dtype).removeprefix('torch.')} model; the fused path reads fp32 parameters only in norms "
+                "(computed in fp32): cast it to the model dtype"
+            )
+    return devices.pop(), dtype
 
 
-def _op_backends(backend: str, device: torch.device, kernels: bool) -> tuple[OpBackends, dict[str, str]]:
+def _is_norm(module: nn.Module) -> bool:
+    """A norm whose parameters the fused ops read, computing in fp32 whatever the parameters' dtype
+    (diffusers' FP32LayerNorm is a LayerNorm)."""
+    from diffusers.models.normalization import RMSNorm
+
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, RMSNorm))
+
+
+def _named_floats(root: nn.Module):
+    """(owning module's qualified name, tensor) for every floating parameter and buffer."""
+    for module_name, module in root.named_modules():
+        for t in _own_floats(module):
+            yield module_name, t
+
+
+def _own_floats(module: nn.Module) -> list[torch.Tensor]:
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return [t for t in tensors if t.is_floating_point()]
+
+
+def _kept_in_fp32(transformer: nn.Module) -> set[str]:
+    """Qualified names of modules holding fp32 tensors that diffusers' loading keeps in fp32: a name with a
+    component in the class's ``_keep_in_fp32_modules`` (diffusers' own rule, ``load_model_dict_into_meta``)."""
+    keep = getattr(type(transformer), "_keep_in_fp32_modules", None) or ()
+    return {
+        module_name for module_name, t in _named_floats(transformer)
+        if t.dtype == torch.float32 and any(k in module_name.split(".") for k in keep)
+    }  # fmt: skip
+
+
+def _switches(kernels) -> dict[str, bool]:
+    """``kernels`` as one bool per op of ``OPS``; ValueError naming unknown keys or non-bool values."""
+    if isinstance(kernels, bool):
+        return dict.fromkeys(OPS, kernels)
+    if not isinstance(kernels, Mapping):
+        raise ValueError(f"kernels must be True, False or a dict of per-op switches over {OPS}, got {kernels!r}")
+    unknown = sorted(map(repr, set(kernels) - set(OPS)))
+    if unknown:
+        raise ValueError(f"kernels: unknown op(s) {', '.join(unknown)}; the switches are {OPS}")
+    not_bool = {op: value for op, value in kernels.items() if not isinstance(value, bool)}
+    if not_bool:
+        raise ValueError(f"kernels: switches must be True or False, got {not_bool}")
+    return {op: kernels.get(op, True) for op in OPS}
+
+
+def _op_backends(backend: str, device: torch.device, switches: dict[str, bool]) -> tuple[OpBackends, dict[str, str]]:
     """Resolve ``backend`` for this device (RuntimeError if it cannot run) and say why each op uses what."""
-    if not kernels:
-        return OpBackends("torch", None), {"all": "kernels=False: diffusers' eager modules"}
+    if not any(switches.values()):
+        return OpBackends(EAGER, EAGER, EAGER), dict.fromkeys(OPS, "off (kernels=False): diffusers' eager modules")
     fused = backends.resolve(None if backend == "auto" else backend, device)
     if backend == "auto":
         fused_why = "Triton kernels on CUDA" if fused == "triton" else f"{fused}: the reference ops on {device.type}"
@@ -219,4 +282,7 @@ def _op_backends(backend: str, device: torch.device, kernels: bool) -> tuple[OpB
         fused_why = f"{fused}: asked for"
     attention = fused if backend != "auto" and fused in ("torch", "triton") else None
     attention_why = f"{attention}: same as the fused ops" if attention else "chosen per call (attention_backend)"
-    return OpBackends(fused, attention), {"norm/modulate, qk_norm_rope": fused_why, "attention": attention_why}
+    chosen = {"norm": (fused, fused_why), "rope": (fused, fused_why), "attention": (attention, attention_why)}
+    off = "off (kernels switch): diffusers' own computation"
+    ops = OpBackends(**{op: value if switches[op] else EAGER for op, (value, _) in chosen.items()})
+    return ops, {op: why if switches[op] else off for op, (_, why) in chosen.items()}

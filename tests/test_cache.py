@@ -22,10 +22,10 @@ import torch
 import dit_kernels
 from dit_kernels.bench import e2e, zoo
 from dit_kernels.cache.policy import Group, decide
-from dit_kernels.models import FAMILY_MODULES
+from dit_kernels.models import FAMILY_MODULES, family_of
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_unchanged, snapshot
 
-FAMILIES = [family for family in zoo.FAMILIES if family in FAMILY_MODULES]
+FAMILIES = FAMILY_MODULES
 KERNELS = [False, True]
 # Every skip the rules allow: a threshold no change reaches.
 ALWAYS = dict(threshold=1e9, warmup_steps=2, max_consecutive_skips=3, final_steps_computed=2)
@@ -74,7 +74,7 @@ def allowed(steps: int, warmup: int, cap: int, final: int) -> list[str]:
 
 
 def num_blocks(model) -> int:
-    return len(dit_kernels.cache.StepCache(model, dit_kernels.CacheConfig()).blocks)
+    return len(family_of(model).blocks.blocks(model))
 
 
 # ----------------------------------------------------------------------------------------- exactness, counts

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 
 import pytest
@@ -26,13 +27,17 @@ from dit_kernels import graphs
 from dit_kernels.bench import zoo
 from dit_kernels.bench.__main__ import main as bench_main
 from dit_kernels.bench.e2e import denoise
-from dit_kernels.graphs import EagerReplayBackend, GraphConfig, GraphRunner, backend_for_tests, graph_runners
+from dit_kernels.graphs import EagerReplayBackend, GraphConfig, GraphRunner, graph_runners
+from dit_kernels.graphs import runner as graph_runner_module
 from dit_kernels.graphs.tree import describe
 from dit_kernels.models import FAMILY_MODULES
-from dit_kernels.models.shared import OpBackends, Patcher
+from dit_kernels.patching import OpBackends, Patcher
 from patch_parity import FP32_ATOL, FP32_RTOL, forward
 from test_pipelines import CASES, run
 from tolerances import assert_within_eager_bound
+
+# The runner on CPU: patch(..., cuda_graphs=REPLAY) graphs with the eager replay backend, strict host-sync audit.
+REPLAY = GraphConfig(backend=EagerReplayBackend(strict=True))
 
 # diffusers' DPMSolver (PixArt's pipeline) builds its sigmas with np.array(tensor), which numpy 2 flags.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
@@ -225,7 +230,7 @@ def test_apply_on_cuda_graphs_the_forward_or_each_cached_block_and_refuses_hooke
     """``graphs.apply`` as patch calls it for a CUDA model (installing touches no CUDA API): the whole
     forward, or with the step cache one runner per block; a hooked forward is refused with the reason."""
     cuda = torch.device("cuda")
-    model, patcher = flux_model(), Patcher(OpBackends("torch", None))
+    model, patcher = flux_model(), Patcher(OpBackends("torch", "torch"))
     patcher.name_modules(model)
     runners = graphs.apply(model, patcher, "auto", cuda)
     assert list(runners) == ["forward"] and model.__dict__["forward"] is runners["forward"]
@@ -256,8 +261,7 @@ def test_capture_failure_through_patch_is_reported_and_unpatch_removes_the_runne
         def capture(self, fn, warmup):
             raise RuntimeError("no capture for this one")
 
-    with backend_for_tests(Failing()):
-        report = dit_kernels.patch(model, backend="torch", cuda_graphs=True)
+    report = dit_kernels.patch(model, backend="torch", cuda_graphs=GraphConfig(backend=Failing()))
     runner = graph_runners(model)["forward"]
     assert isinstance(runner.backend, Failing) and any("GraphRunner (eager-replay)" in r for r in report.replaced)
     assert torch.equal(forward(model, inputs), patched) and runner.stats["failures"] == 1
@@ -271,8 +275,7 @@ def test_capture_failure_through_patch_is_reported_and_unpatch_removes_the_runne
 def test_torch_compile_traces_through_the_runner():
     model = flux_model()
     inputs = zoo.transformer_inputs("flux", model, zoo.Shape(2, 3, 5, 7), torch.float32, seed=1)
-    with backend_for_tests(EagerReplayBackend()):
-        dit_kernels.patch(model, backend="torch", cuda_graphs=True)
+    dit_kernels.patch(model, backend="torch", cuda_graphs=GraphConfig(backend=EagerReplayBackend()))
     expected = forward(model, inputs)
     runner = graph_runners(model)["forward"]
     torch.testing.assert_close(forward(torch.compile(model, backend="eager"), inputs), expected, rtol=FP32_RTOL,
@@ -284,8 +287,7 @@ def test_torch_compile_traces_through_the_runner():
 def test_lora_injected_after_capture_makes_the_runner_capture_afresh():
     model = flux_model()
     inputs = zoo.transformer_inputs("flux", model, zoo.Shape(2, 3, 5, 7), torch.float32, seed=1)
-    with backend_for_tests(EagerReplayBackend(strict=True)):
-        dit_kernels.patch(model, backend="torch", cuda_graphs=True)
+    dit_kernels.patch(model, backend="torch", cuda_graphs=REPLAY)
     runner = graph_runners(model)["forward"]
     before = forward(model, inputs)
     inject_lora(model)
@@ -294,14 +296,37 @@ def test_lora_injected_after_capture_makes_the_runner_capture_afresh():
     assert not torch.allclose(ours, before) and torch.equal(ours, runner.forward(**inputs, return_dict=False)[0])
 
 
+def _structure_hooks() -> list:
+    """Our structure-watch hooks among torch's global registration hooks."""
+    from torch.nn.modules import module as nn_module
+
+    hooks = [*nn_module._global_module_registration_hooks.values(),
+             *nn_module._global_parameter_registration_hooks.values()]  # fmt: skip
+    return [hook for hook in hooks if getattr(hook, "__self__", None) is graph_runner_module._WATCH]
+
+
+def test_structure_hooks_are_registered_only_while_a_runner_watches_a_module():
+    """No import-time global hooks: torch's registration hooks are in place exactly while some runner that
+    watches a module exists (other tests' live runners counted in ``before``)."""
+    watch = graph_runner_module._WATCH
+    gc.collect()
+    before = watch._runners
+    assert len(_structure_hooks()) == (2 if before else 0)
+    model = flux_model()
+    dit_kernels.patch(model, backend="torch", cuda_graphs=REPLAY)
+    assert watch._runners == before + 1 and len(_structure_hooks()) == 2
+    dit_kernels.unpatch(model)
+    gc.collect()
+    assert watch._runners == before and len(_structure_hooks()) == (2 if before else 0)
+
+
 @torch.no_grad()
 def test_weights_moved_to_other_memory_make_the_runner_capture_afresh():
     """``weight.data = ...`` (peft's merge) and ``.to()`` rebind parameters without registering anything: the
     runner notices by address and does not replay a recording of the old memory."""
     model = flux_model()
     inputs = zoo.transformer_inputs("flux", model, zoo.Shape(2, 3, 5, 7), torch.float32, seed=1)
-    with backend_for_tests(EagerReplayBackend(strict=True)):
-        dit_kernels.patch(model, backend="torch", cuda_graphs=True)
+    dit_kernels.patch(model, backend="torch", cuda_graphs=REPLAY)
     runner = graph_runners(model)["forward"]
     forward(model, inputs)
     forward(model, inputs)
@@ -321,8 +346,8 @@ def test_per_block_runners_refuse_aliasing_with_the_cache():
     truth_model = flux_model()
     dit_kernels.patch(truth_model, backend="torch", cache=1e9, cuda_graphs=False)
     model = flux_model()
-    with backend_for_tests(EagerReplayBackend(), GraphConfig(alias_outputs=True)):
-        report = dit_kernels.patch(model, backend="torch", cache=1e9, cuda_graphs=True)
+    aliasing = GraphConfig(backend=EagerReplayBackend(), alias_outputs=True)
+    report = dit_kernels.patch(model, backend="torch", cache=1e9, cuda_graphs=aliasing)
     for t in (999.0, 900.0, 800.0):
         inputs["timestep"] = torch.full((2,), t / 1000)
         torch.testing.assert_close(forward(model, inputs), forward(truth_model, inputs), rtol=0, atol=0)
@@ -363,9 +388,8 @@ def test_every_family_forward_has_no_host_sync_across_resolutions(family):
 def graphed_pipeline(name: str, **config):
     """The cached tiny pipeline patched (torch ops) with its forward graphed on EagerReplayBackend (strict);
     always unpatched after."""
-    with backend_for_tests(EagerReplayBackend(strict=True), GraphConfig(**config)):
-        with patched_pipeline(name, cuda_graphs=True) as pipe:
-            yield graph_runners(pipe)["forward"]
+    with patched_pipeline(name, cuda_graphs=GraphConfig(backend=EagerReplayBackend(strict=True), **config)) as pipe:
+        yield graph_runners(pipe)["forward"]
 
 
 @contextlib.contextmanager
@@ -455,8 +479,7 @@ def test_every_family_with_step_cache_graphs_each_block_around_the_decision(fami
     dit_kernels.patch(model, backend="torch", cache=FORCED_SKIPS, cuda_graphs=False)
     expected = cached_loop(model, family, inputs)
     dit_kernels.unpatch(model)
-    with backend_for_tests(EagerReplayBackend(strict=True)):
-        dit_kernels.patch(model, backend="torch", cache=FORCED_SKIPS, cuda_graphs=True)
+    dit_kernels.patch(model, backend="torch", cache=FORCED_SKIPS, cuda_graphs=REPLAY)
     latents, decisions = cached_loop(model, family, inputs)
     assert torch.equal(latents, expected[0]) and decisions == expected[1] == FORCED_TRACE
     assert_block_runners(graph_runners(model), computed=FORCED_TRACE.count("compute"), steps=6)
@@ -470,10 +493,9 @@ def test_whole_pipeline_with_step_cache_graphs_each_block_around_the_decision(na
     with patched_pipeline(name, cache=config) as pipe:
         expected = run(case, steps=6)
         expected_trace = dit_kernels.cache_stats(pipe)["calls"][-1]["trace"]
-    with backend_for_tests(EagerReplayBackend(strict=True)):
-        with patched_pipeline(name, cache=config, cuda_graphs=True) as pipe:
-            got = run(case, steps=6)
-            trace, runners = dit_kernels.cache_stats(pipe)["calls"][-1]["trace"], graph_runners(pipe)
+    with patched_pipeline(name, cache=config, cuda_graphs=REPLAY) as pipe:
+        got = run(case, steps=6)
+        trace, runners = dit_kernels.cache_stats(pipe)["calls"][-1]["trace"], graph_runners(pipe)
     assert torch.equal(got, expected) and trace == expected_trace
     assert [e["decision"] for e in trace if e["group"] != "second half"] == FORCED_TRACE
     assert_block_runners(runners, computed=FORCED_TRACE.count("compute"), steps=6)

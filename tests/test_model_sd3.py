@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dit_kernels
 from dit_kernels.bench import zoo
 from dit_kernels.models import sd3, shared
+from dit_kernels.patching import OpBackends
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
 from tolerances import assert_within_eager_bound
@@ -161,17 +162,22 @@ def test_chunked_feed_forward_is_reproduced():
 
 
 def test_gelu_goes_into_the_gemm_epilogue_only_where_that_is_tanh_gelu():
-    """torch._addmm_activation's GELU is the tanh approximation on CUDA ("meta": the shape-only stand-in for
-    CUDA) and the exact erf GELU on CPU; a LoRA layer on the projection or autograd keep the module call."""
+    """torch._addmm_activation's GELU is the tanh approximation on CUDA and the exact erf GELU on CPU: by
+    default only CUDA tensors take the epilogue (the meta device is no exception); ``gelu_epilogue=True``
+    asks for it anywhere (the traffic model's walk of the GPU path); a LoRA layer on the projection or
+    autograd keep the module call."""
     model = tiny_sd3("sd3")
     ff = model.transformer_blocks[0].ff
     x = torch.empty(1, 3, model.inner_dim)
+    forced = OpBackends(gelu_epilogue=True)
     with torch.no_grad():
-        assert shared.gelu_fits_epilogue(ff, x.to("meta")) and not shared.gelu_fits_epilogue(ff, x)
-    assert not shared.gelu_fits_epilogue(ff, x.to("meta"))
+        assert shared.gelu_fits_epilogue(ff, x.to("meta"), forced) and shared.gelu_fits_epilogue(ff, x, forced)
+        assert not shared.gelu_fits_epilogue(ff, x, OpBackends())
+        assert not shared.gelu_fits_epilogue(ff, x.to("meta"), OpBackends())
+    assert not shared.gelu_fits_epilogue(ff, x.to("meta"), forced)
     _lora(model, ["ff.net.0.proj"])
     with torch.no_grad():
-        assert not shared.gelu_fits_epilogue(ff, x.to("meta"))
+        assert not shared.gelu_fits_epilogue(ff, x.to("meta"), forced)
 
 
 # ----------------------------------------------------------------------------------------- refusals

@@ -1,6 +1,8 @@
 """dit_kernels.patch / unpatch behaviour users rely on: refusals that change nothing, idempotence, exact
 unpatch, the report, LoRA before and after patch, torch.compile of a patched model."""
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import SanaTransformer2DModel, UNet2DModel
@@ -75,14 +77,14 @@ def test_failure_half_way_is_undone(monkeypatch):
     model = tiny_model()
     before = snapshot(model)
     family = dit_kernels.models.family_of(model)
-    original_apply = family.apply
 
     def apply_then_fail(transformer, patcher):
-        original_apply(transformer, patcher)
+        family.apply(transformer, patcher)
         assert patcher.replaced
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(family, "apply", apply_then_fail)
+    failing = dataclasses.replace(family, apply=apply_then_fail)
+    monkeypatch.setattr(dit_kernels.api, "family_of", lambda transformer: failing)
     with pytest.raises(RuntimeError, match="boom"):
         dit_kernels.patch(model)
     assert_unchanged(model, before)

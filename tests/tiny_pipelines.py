@@ -3,8 +3,9 @@
 Each ``build_<family>()`` assembles the real pipeline class (DiTPipeline, PixArtSigmaPipeline,
 StableDiffusion3Pipeline, FluxPipeline, HunyuanDiTPipeline) from:
 
-- the transformer in its tiny configuration of ``shared/DESIGN.md`` §4 (HunyuanDiT's text lengths are
-  the pipeline's hard-coded 77 / 256 tokens instead of 5 / 7: its transformer's padding table must match);
+- the transformer in its family's tiny configuration (``Family.configs["tiny"]``, the one source of truth;
+  HunyuanDiT's text lengths are overridden with the pipeline's hard-coded 77 / 256 tokens: its transformer's
+  padding table must match; SD3.5 adds its variant's options);
 - text encoders from small transformers configs whose widths are wired to the transformer
   (T5 ``d_model`` = ``caption_channels`` / ``joint_attention_dim`` / ``cross_attention_dim_t5``, CLIP
   hidden / projection sizes summing to SD3's ``pooled_projection_dim``, ...);
@@ -31,16 +32,11 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DiTPipeline,
-    DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
-    FluxTransformer2DModel,
-    HunyuanDiT2DModel,
     HunyuanDiTPipeline,
     PixArtSigmaPipeline,
-    PixArtTransformer2DModel,
-    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from transformers import (
@@ -56,6 +52,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from dit_kernels.models import family_named
+
 FAMILIES = ("dit", "pixart", "sd3", "sd35", "flux", "hunyuan")
 
 WORDS = "a photo of an astronaut riding horse on the moon cat dog red blue small".split()
@@ -66,6 +64,11 @@ def seeded(make):
     """Build ``make()`` right after seeding, so each component's weights depend on nothing built before."""
     torch.manual_seed(0)
     return make().eval()
+
+
+def tiny_transformer(family: str, **overrides):
+    """The family's tiny transformer (its registry config with ``overrides``), seeded."""
+    return seeded(lambda: family_named(family).build("tiny", **overrides))
 
 
 # ----------------------------------------------------------------------------------------- tokenizers
@@ -148,26 +151,14 @@ def tiny_vae(latent_channels: int = LATENT_CHANNELS, downsamples: int = 1, **fac
 
 def build_dit() -> DiTPipeline:
     """DiT-XL/2 shaped: learned sigma (``out_channels = 2 * in_channels``, which the pipeline reads)."""
-    transformer = seeded(
-        lambda: DiTTransformer2DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS, out_channels=8, num_layers=2,
-            sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
-            norm_elementwise_affine=False,
-        )  # fmt: skip
-    )
+    transformer = tiny_transformer("dit")
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     return DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=scheduler)
 
 
 def build_pixart() -> PixArtSigmaPipeline:
     tokenizer = t5_tokenizer()
-    transformer = seeded(
-        lambda: PixArtTransformer2DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS, out_channels=8, num_layers=2,
-            cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=2, norm_type="ada_norm_single",
-            norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
-        )  # fmt: skip
-    )
+    transformer = tiny_transformer("pixart")
     scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     return PixArtSigmaPipeline(
         tokenizer=tokenizer, text_encoder=t5_encoder(tokenizer, 32), vae=tiny_vae(), transformer=transformer,
@@ -180,12 +171,7 @@ def build_sd3(version: str = "3") -> StableDiffusion3Pipeline:
     layers 0 and 1). Text: two CLIPs of width 8 (+8 padded up to T5's 32 = ``joint_attention_dim``), each
     projecting to 12 (12 + 12 = ``pooled_projection_dim``)."""
     extra = {"num_layers": 3, "qk_norm": "rms_norm", "dual_attention_layers": (0, 1)} if version == "3.5" else {}
-    config = dict(
-        sample_size=8, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=2,
-        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-        pooled_projection_dim=24, pos_embed_max_size=16,
-    )  # fmt: skip
-    transformer = seeded(lambda: SD3Transformer2DModel(**{**config, **extra}))
+    transformer = tiny_transformer("sd3", **extra)
     clip_1, clip_2, t5 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(1)  # the two CLIPs differ
     text_encoder_2 = CLIPTextModelWithProjection(clip_config(clip_2, hidden=8, projection=12)).eval()
@@ -201,13 +187,7 @@ def build_sd3(version: str = "3") -> StableDiffusion3Pipeline:
 def build_flux() -> FluxPipeline:
     """FLUX.1-dev shaped (guidance embedding); CLIP width 24 = ``pooled_projection_dim`` (its pooled output
     is used), T5 width 32 = ``joint_attention_dim``; 16 = 4 x 4 packed latent channels."""
-    transformer = seeded(
-        lambda: FluxTransformer2DModel(
-            patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=2, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        )  # fmt: skip
-    )
+    transformer = tiny_transformer("flux")
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096,
@@ -223,13 +203,7 @@ def build_flux() -> FluxPipeline:
 def build_hunyuan() -> HunyuanDiTPipeline:
     """The pipeline hard-codes a VAE factor of 8 (its RoPE grid is ``height // 8 // patch_size``) and text
     lengths 77 (Bert) / 256 (T5), so the VAE downsamples 3 times and the transformer takes those lengths."""
-    transformer = seeded(
-        lambda: HunyuanDiT2DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS, hidden_size=16, num_layers=4,
-            patch_size=2, sample_size=8, cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=16,
-            text_len=77, text_len_t5=256,
-        )  # fmt: skip
-    )
+    transformer = tiny_transformer("hunyuan", text_len=77, text_len_t5=256)
     scheduler = DDIMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.03, prediction_type="v_prediction",
         clip_sample=False, steps_offset=1,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from dit_kernels.bench import e2e
 from dit_kernels.cache import CacheConfig
 from dit_kernels.bench.report import device_name, markdown, write
-from dit_kernels.models import FAMILY_MODULES
+from dit_kernels.models import DEFAULT_FAMILY, FAMILY_MODULES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -29,8 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dit_kernels.bench", description=__doc__.split("\n\n")[1].replace("\n", " ")
     )
-    parser.add_argument("--model", choices=FAMILY_MODULES, default="flux",
-                        help="model family with a patcher (default flux)")
+    parser.add_argument("--model", choices=FAMILY_MODULES, default=DEFAULT_FAMILY,
+                        help=f"model family with a patcher (default {DEFAULT_FAMILY})")
     parser.add_argument(
         "--config", choices=("tiny", "small", "real"), default=None,
         help="widths: tiny (ms per forward on CPU; default there), small (DiT-S/2; other families: real width, "

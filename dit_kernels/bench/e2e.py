@@ -29,13 +29,14 @@ import torch
 import dit_kernels
 from dit_kernels.bench import zoo
 from dit_kernels.graphs import graph_runners
+from dit_kernels.models import family_named
 
 
 @dataclass(frozen=True)
 class Setting:
     """What to run: ``family`` at ``config`` width, a ``size`` px image (latent = size / 8), ``steps``."""
 
-    family: str = "flux"
+    family: str
     config: str = "small"
     size: int = 256
     batch: int = 1
@@ -44,8 +45,7 @@ class Setting:
     device: str = "cpu"
 
     def shape(self, model) -> zoo.Shape:
-        latent = self.size // 8
-        side = latent // 2 if self.family == "flux" else latent  # FLUX packs 2x2 latent patches per token
+        side = self.size // 8 // family_named(self.family).latent_packing  # packed: the token grid
         text = zoo.default_text_len(self.family, model.config)
         return zoo.Shape(self.batch, side, side, text if self.config == "real" else min(text, 77))
 
@@ -71,14 +71,15 @@ def denoise(model: Callable, family: str, inputs: dict, steps: int) -> torch.Ten
     """Euler flow steps from t = 1000 to 0; returns the final latents (fp32)."""
     inputs = dict(inputs)
     latents = inputs["hidden_states"]
-    channels = latents.shape[-1] if family == "flux" else latents.shape[1]
+    dim = zoo.prediction_channels(family)
+    channels = latents.shape[dim]
     times = torch.linspace(1000, 0, steps + 1).tolist()
     with torch.no_grad():
         for t, t_next in zip(times[:-1], times[1:]):
             inputs["hidden_states"] = latents
             zoo.set_timestep(family, inputs, t)
             prediction = model(**inputs, return_dict=False)[0]
-            prediction = prediction[..., :channels] if family == "flux" else prediction[:, :channels]
+            prediction = prediction.narrow(dim, 0, channels)  # learned sigma: the first half
             latents = latents + (t_next - t) / 1000 * prediction
     return latents.float()
 
@@ -159,7 +160,7 @@ def run(setting: Setting, *, repeats: int, compile_: bool = False, backend: str 
             "max-abs vs fp32": (outputs[p.label] - truth).abs().max().item(),
             "PSNR vs fp32 (dB)": psnr(outputs[p.label], truth),
         })  # fmt: skip
-    tokens = shape.height * shape.width // (1 if setting.family == "flux" else 4)
+    tokens = zoo.tokens(setting.family, truth_model.config, shape)
     notes = [p.note for p in paths if p.note] + [_graphs_note(p) for p in paths if graph_runners(p.model)]
     notes += [_cache_note(p) for p in paths if p.cache is not None]
     return {"rows": rows, "tokens": f"{tokens}+{shape.text_len}" if shape.text_len else str(tokens), "notes": notes}

@@ -18,7 +18,9 @@ outputs, earlier groups' results) and writes once every tensor needed outside it
 later group, or the block's caller); a tensor passing between ops of one group costs nothing.
 A patched block can go below this floor where it changes what a GEMM writes (SD3's projections written
 straight into the joint attention buffers; on CUDA, the FeedForward GELU in its GEMM's epilogue, which the
-meta device stands in for here).
+walk asks for explicitly: ``OpBackends(gelu_epilogue=True)``, since its tensors are on the meta device).
+
+Each family's real shape and depth are its ``Family.traffic_shape`` / ``traffic_depth``.
 
 ``python -m dit_kernels.bench.traffic`` prints the table; the H100 column is the "other" bytes at 3.35 TB/s.
 """
@@ -36,31 +38,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dit_kernels.bench import zoo
 from dit_kernels.bench.ops import H100_HBM_BYTES_PER_S
-from dit_kernels.models import FAMILY_MODULES, family_of
-from dit_kernels.models.shared import OpBackends, Patcher
-from dit_kernels.ops.launch_trace import LaunchTracer, tensor_bytes
+from dit_kernels.bench.launches import LaunchTracer, is_fused_op, tensor_bytes
+from dit_kernels.models import FAMILY_MODULES, family_named
+from dit_kernels.patching import OpBackends, Patcher
 
 # _addmm_activation: a GEMM with its bias + GELU in the epilogue (cuBLASLt), as the SD3 patcher's FeedForward runs.
 GEMM_OPS = {"mm", "addmm", "_addmm_activation", "bmm", "baddbmm", "convolution", "_convolution", "matmul"}
 NO_LAUNCH_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
                  "_unsafe_view", "alias", "clone_if_needed", "_local_scalar_dense", "sym_size", "sym_stride"}  # fmt: skip
 
-# Real shapes of the issue: (latent height, width) at 1024 px (DiT-XL/2 at 256 px), text tokens (HunyuanDiT:
-# the cross-attention's 77 CLIP + 256 T5 tokens; its inputs take the lengths from the config).
-REAL_SHAPES = {"dit": zoo.Shape(1, 32, 32, 0), "pixart": zoo.Shape(1, 128, 128, 300),
-               "sd3": zoo.Shape(1, 128, 128, 333), "flux": zoo.Shape(1, 64, 64, 512),
-               "hunyuan": zoo.Shape(1, 128, 128, 77 + 256)}  # fmt: skip
-# Every block kind (SD3's last block is context_pre_only; HunyuanDiT's second half takes long skips; FLUX has
-# double and single blocks), twice where the model allows: the last block of each kind is the one counted,
-# since what only the first block of a kind does once per call is not what every block costs.
-REAL_DEPTH = {"dit": {"num_layers": 2}, "pixart": {"num_layers": 2}, "sd3": {"num_layers": 3},
-              "flux": {"num_layers": 2, "num_single_layers": 2}, "hunyuan": {"num_layers": 4}}  # fmt: skip
-
-
 def category(func) -> str | None:
     """"gemm", "attention", "other", or None for ops that launch no kernel (views, allocations)."""
     name = func.overloadpacket.__name__
-    if func.is_view or name in NO_LAUNCH_OPS:
+    if func.is_view or name in NO_LAUNCH_OPS or is_fused_op(func):  # fused ops: counted by the LaunchTracer
         return None
     if name in GEMM_OPS:
         return "gemm"
@@ -159,17 +149,15 @@ def _keep_largest(sizes: dict, key, t: torch.Tensor) -> None:
 
 class _BlockScopedCounter(TorchDispatchMode):
     """Counts aten launches while a block runs (``current`` set by forward hooks), skipping the insides of
-    fused ops when a ``LaunchTracer`` is given, and of SDPA (``_SdpaAsOneLaunch``)."""
+    SDPA (``_SdpaAsOneLaunch``). A fused op is one custom op here, whose insides no mode sees."""
 
-    def __init__(self, tracer: LaunchTracer | None):
+    def __init__(self):
         super().__init__()
-        self.tracer = tracer
         self.current: PathCounts | None = None
         self.inside_sdpa = False
 
     def counting(self) -> bool:
-        fused = self.tracer is not None and self.tracer.inside_fused_op
-        return self.current is not None and not fused and not self.inside_sdpa
+        return self.current is not None and not self.inside_sdpa
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -224,7 +212,7 @@ def _blocks(model: torch.nn.Module):
 
 def count_blocks(model: torch.nn.Module, inputs: dict, tracer: LaunchTracer | None = None) -> dict[str, PathCounts]:
     """Run ``model(**inputs)`` once; per block kind, the counts of its last block of that kind."""
-    counter = _BlockScopedCounter(tracer)
+    counter = _BlockScopedCounter()
     results: dict[str, PathCounts] = {}
     hooks, launches_before = [], [0]
 
@@ -238,7 +226,7 @@ def count_blocks(model: torch.nn.Module, inputs: dict, tracer: LaunchTracer | No
             counter.current.floor.finish(output)
         if counter.current is not None and tracer is not None:
             for launch in tracer.launches[launches_before[0] :]:
-                kind = "attention" if launch.name == "joint_attention" else "other"
+                kind = "attention" if launch.name.startswith("joint_attention") else "other"
                 counter.current.add(kind, launch.name, launch.read_bytes + launch.written_bytes)
         counter.current = None
 
@@ -253,13 +241,19 @@ def count_blocks(model: torch.nn.Module, inputs: dict, tracer: LaunchTracer | No
     return results
 
 
+# The GPU path walked on meta tensors: the reference ops (one launch each, LaunchTracer), GELU epilogues.
+GPU_PATH = OpBackends(norm="torch", rope="torch", attention="torch", gelu_epilogue=True)
+
+
 def family_counts(family: str, dtype=torch.bfloat16) -> tuple[dict[str, PathCounts], dict[str, PathCounts]]:
-    """(eager, patched) counts per block kind for ``family`` at its real shape, on the meta device."""
+    """(eager, patched) counts per block kind for ``family`` at its real shape and ``traffic_depth`` (every
+    block kind twice, the last of each counted), on the meta device."""
+    spec = family_named(family)
     with torch.device("meta"):
-        model = zoo.build(family, "real", **REAL_DEPTH[family]).to(dtype)
-    inputs = zoo.transformer_inputs(family, model, REAL_SHAPES[family], dtype, device="meta")
+        model = spec.build("real", **spec.traffic_depth).to(dtype)
+    inputs = zoo.transformer_inputs(family, model, spec.traffic_shape, dtype, device="meta")
     eager = count_blocks(model, inputs)
-    family_of(model).apply(model, Patcher(OpBackends("torch", "torch")))  # a shape-only model: no public checks
+    spec.apply(model, Patcher(GPU_PATH))  # a shape-only model: no public checks
     with LaunchTracer() as tracer:
         patched = count_blocks(model, inputs, tracer)
     return eager, patched
@@ -272,12 +266,12 @@ def table(families=FAMILY_MODULES, dtype=torch.bfloat16) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for family in families:
-        shape = REAL_SHAPES[family]
+        tokens = _tokens(family)
         eager, patched = family_counts(family, dtype)
         for kind in eager:
             for path, counts in (("eager", eager[kind]), ("patched", patched[kind])):
-                rows.append(_row(f"{family}: {kind}", _tokens(family, shape), path, counts, eager[kind]))
-            rows.append(_row(f"{family}: {kind}", _tokens(family, shape), "floor", None, eager[kind]))
+                rows.append(_row(f"{family}: {kind}", tokens, path, counts, eager[kind]))
+            rows.append(_row(f"{family}: {kind}", tokens, "floor", None, eager[kind]))
     return "\n".join(rows)
 
 
@@ -293,9 +287,10 @@ def _row(block: str, tokens: str, path: str, counts: PathCounts | None, eager: P
     )
 
 
-def _tokens(family: str, shape: zoo.Shape) -> str:
-    patch = 1 if family == "flux" else 2
-    image = shape.height * shape.width // patch**2
+def _tokens(family: str) -> str:
+    spec = family_named(family)
+    shape = spec.traffic_shape
+    image = zoo.tokens(family, spec.configs["real"], shape)
     return f"{image}+{shape.text_len}" if shape.text_len else str(image)
 
 

@@ -1,7 +1,8 @@
 """Step cache (First-Block-Cache style residual reuse across denoising steps; no KV cache).
 
 ``config``: CacheConfig and its checks. ``policy``: the skip rule, per-group state, stats.
-``layouts``: the per-family block layout. ``step_cache``: the wrappers and per-call state."""
+``step_cache``: the wrappers and per-call state. Which blocks a model has is its family's
+``BlockLayout`` (``dit_kernels.patching``), handed in by ``patch``."""
 
 from dit_kernels.cache.config import CacheConfig, as_config
 from dit_kernels.cache.step_cache import StepCache, validate

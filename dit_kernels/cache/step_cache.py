@@ -38,26 +38,28 @@ import torch
 from torch import Tensor, nn
 
 from dit_kernels.cache.config import CacheConfig
-from dit_kernels.cache.layouts import BYPASS_ARGS, Layout, layout_of
 from dit_kernels.cache.policy import CallStats, Decision, Group, Streams, decide, summary, warn_if_never_hit
+from dit_kernels.patching import BlockLayout, Patcher
 
 KEEP_CALLS = 64  # calls kept in the stats
 
 
-def validate(transformer: nn.Module, config: CacheConfig) -> None:
-    """ValueError when the cache cannot wrap ``transformer`` with ``config`` (before anything changes)."""
-    blocks = layout_of(transformer).blocks(transformer)
+def validate(transformer: nn.Module, layout: BlockLayout, config: CacheConfig) -> None:
+    """ValueError when the cache cannot wrap ``transformer`` (blocks as in ``layout``, its family's) with
+    ``config`` (before anything changes)."""
+    blocks = layout.blocks(transformer)
     if config.head_blocks >= len(blocks):
         raise ValueError(f"CacheConfig.head_blocks={config.head_blocks} leaves no block to cache: "
                          f"{type(transformer).__name__} has {len(blocks)} blocks")  # fmt: skip
 
 
 class StepCache:
-    """The cache's state for one patched transformer (see the module docstring)."""
+    """The cache's state for one patched transformer, whose blocks are as ``layout`` (its family's) says
+    (see the module docstring)."""
 
-    def __init__(self, transformer: nn.Module, config: CacheConfig):
+    def __init__(self, transformer: nn.Module, layout: BlockLayout, config: CacheConfig):
         self.config = config
-        self.layout: Layout = layout_of(transformer)
+        self.layout = layout
         self.blocks = self.layout.blocks(transformer)
         self.calls: collections.deque[CallStats] = collections.deque(maxlen=KEEP_CALLS)
         self.run: Optional[_Run] = None
@@ -100,7 +102,7 @@ class StepCache:
 
     def _begin(self, named: dict) -> Optional[_Run]:
         """A transformer call: its step and branch, after any reset it implies; None runs it uncached."""
-        if any(named.get(name) is not None for name in BYPASS_ARGS):
+        if any(named.get(name) is not None for name in self.layout.bypass_args):
             call = self._call()
             call.bypassed_calls += 1
             call.blocks_computed += len(self.blocks)
@@ -121,7 +123,7 @@ class StepCache:
 
     # ------------------------------------------------------------------------------------- wrappers
 
-    def attach(self, transformer: nn.Module, patcher, scheduler=None, pipe=None) -> None:
+    def attach(self, transformer: nn.Module, patcher: Patcher, scheduler=None, pipe=None) -> None:
         """Wrap the blocks, the transformer and (given) the scheduler's set_timesteps / set_begin_index
         through ``patcher``; ``pipe``: the pipeline, whose scheduler of the moment gives the step count on
         an automatic reset (a scheduler swapped in after ``patch`` has no hook)."""

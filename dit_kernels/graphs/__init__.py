@@ -15,13 +15,14 @@ updated in place (``load_state_dict``) are read by the replay; a submodule or pa
 the forward reads (``set_adapters`` scales, a ``.data =`` weight swap, the diffusers attention backend)
 needs ``reset()`` of each runner (``graph_runners(pipe)``).
 
-``EagerReplayBackend`` runs the same runner on CPU (tests): "replay" re-runs the recorded function and
+``patch(..., cuda_graphs=GraphConfig(...))`` sets the runners' config; ``GraphConfig(backend=
+EagerReplayBackend())`` runs the same runner on CPU (tests): "replay" re-runs the recorded function and
 rewrites the static outputs; ``strict=True`` fails the capture on ops that would sync the host.
 """
 
 from dit_kernels.graphs.backends import HOST_SYNC_OPS, CudaGraphBackend, EagerReplayBackend, HostSyncError
-from dit_kernels.graphs.patching import apply, backend_for_tests, graph_runners, install
+from dit_kernels.graphs.patching import apply, check_option, graph_runners, install
 from dit_kernels.graphs.runner import GraphConfig, GraphRunner
 
 __all__ = ["GraphRunner", "GraphConfig", "CudaGraphBackend", "EagerReplayBackend", "HostSyncError", "HOST_SYNC_OPS",
-           "apply", "install", "graph_runners", "backend_for_tests"]  # fmt: skip
+           "apply", "check_option", "install", "graph_runners"]  # fmt: skip

@@ -44,6 +44,7 @@ class CudaGraphBackend:
     valid only until the next replay of any key (the runner clones them out unless told otherwise)."""
 
     name = "cuda"
+    device_type = "cuda"  # the device a model must be on
 
     def __init__(self, capture_error_mode: str = "thread_local"):
         self.capture_error_mode = capture_error_mode
@@ -124,6 +125,7 @@ class EagerReplayBackend:
 
     strict: bool = False
     name: str = "eager-replay"
+    device_type: Optional[str] = None  # runs on any device
     calls: int = field(default=0, init=False)
 
     def refuse(self, tensors: list[Tensor]) -> Optional[str]:

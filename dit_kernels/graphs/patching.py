@@ -20,31 +20,38 @@ key first comes.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from dit_kernels.graphs.backends import CudaGraphBackend
 from dit_kernels.graphs.runner import GraphConfig, GraphRunner
+from dit_kernels.patching import Patcher, find_transformer
 
 WHAT = "CUDA graphs"
 RUNNERS = "_dit_kernels_graph_runners"
+CHOICES = (True, False, "auto")  # or a GraphConfig
 
-_TEST_BACKEND: Optional[tuple[object, Optional[GraphConfig]]] = None
+
+def check_option(cuda_graphs) -> None:
+    """ValueError unless ``cuda_graphs`` is True, False, "auto" or a GraphConfig."""
+    if not (isinstance(cuda_graphs, GraphConfig) or cuda_graphs in CHOICES):
+        raise ValueError(f"cuda_graphs must be True, False, 'auto' or a GraphConfig, got {cuda_graphs!r}")
 
 
-def apply(transformer: nn.Module, patcher, cuda_graphs: Union[bool, str], device: torch.device,
+def apply(transformer: nn.Module, patcher: Patcher, cuda_graphs: Union[bool, str, GraphConfig], device: torch.device,
           cached_blocks: Optional[Sequence[nn.Module]] = None) -> dict[str, GraphRunner]:  # fmt: skip
     """``patch``'s ``cuda_graphs`` option: "auto" captures on CUDA and does nothing elsewhere; True captures
-    on CUDA and reports why not elsewhere; False does nothing. ``cached_blocks``: the blocks the step cache
-    is about to wrap (a runner per block, see the module docstring); None: the whole forward. Returns the
-    runners installed, by module name."""
-    if cuda_graphs is False or (cuda_graphs == "auto" and device.type != "cuda"):
+    on CUDA and reports why not elsewhere; a ``GraphConfig``: as True with that config (and its backend, which
+    may run on another device); False does nothing. ``cached_blocks``: the blocks the step cache is about to
+    wrap (a runner per block, see the module docstring); None: the whole forward. Returns the runners
+    installed, by module name."""
+    if cuda_graphs is False or (isinstance(cuda_graphs, str) and device.type != "cuda"):
         return {}
-    backend, config = _TEST_BACKEND or (CudaGraphBackend(), None)
-    why = _unavailable(transformer, device, testing=_TEST_BACKEND is not None)
+    config = cuda_graphs if isinstance(cuda_graphs, GraphConfig) else GraphConfig()
+    backend = CudaGraphBackend() if config.backend is None else config.backend
+    why = _unavailable(transformer, device, backend)
     if why is not None:
         patcher.fallback(WHAT, f"{why}; the forward runs eagerly")
         return {}
@@ -57,8 +64,8 @@ def apply(transformer: nn.Module, patcher, cuda_graphs: Union[bool, str], device
     return runners
 
 
-def _unavailable(transformer: nn.Module, device: torch.device, testing: bool) -> Optional[str]:
-    if device.type != "cuda" and not testing:
+def _unavailable(transformer: nn.Module, device: torch.device, backend) -> Optional[str]:
+    if backend.device_type is not None and device.type != backend.device_type:
         return f"unavailable: the model is on {device.type} and CUDA graphs need a CUDA device"
     if "forward" in transformer.__dict__:
         return (f"{type(transformer).__name__}.forward is wrapped by a hook ({transformer.__dict__['forward']!r}, "
@@ -66,7 +73,7 @@ def _unavailable(transformer: nn.Module, device: torch.device, testing: bool) ->
     return None
 
 
-def install(module: nn.Module, patcher, backend, config: Optional[GraphConfig], label: str,
+def install(module: nn.Module, patcher: Patcher, backend, config: Optional[GraphConfig], label: str,
             may_alias: bool = True) -> GraphRunner:  # fmt: skip
     """Wrap ``module.forward`` in a ``GraphRunner`` on ``backend``, recorded by ``patcher``; its fallbacks
     are reported under ``label``; ``may_alias=False``: outputs always cloned."""
@@ -80,19 +87,4 @@ def install(module: nn.Module, patcher, backend, config: Optional[GraphConfig], 
 def graph_runners(pipe_or_transformer) -> dict[str, GraphRunner]:
     """The transformer's runners by module name ("forward" for the whole forward), each with its ``stats``,
     ``keys``, ``nbytes``, ``config`` and ``reset()``; empty when nothing is graphed."""
-    from dit_kernels.api import _find_transformer
-
-    return dict(_find_transformer(pipe_or_transformer).__dict__.get(RUNNERS, {}))
-
-
-@contextlib.contextmanager
-def backend_for_tests(backend, config: Optional[GraphConfig] = None) -> Iterator[None]:
-    """For tests only: inside the block, ``patch(..., cuda_graphs=True)`` installs its runners on ``backend``
-    (e.g. ``EagerReplayBackend`` on CPU) with ``config``, on any device. The public ``patch`` otherwise
-    always uses ``CudaGraphBackend``."""
-    global _TEST_BACKEND
-    previous, _TEST_BACKEND = _TEST_BACKEND, (backend, config)
-    try:
-        yield
-    finally:
-        _TEST_BACKEND = previous
+    return dict(find_transformer(pipe_or_transformer).__dict__.get(RUNNERS, {}))

@@ -50,32 +50,52 @@ from dit_kernels.graphs.tree import Unsupported, describe, flatten, rebuild
 
 log = logging.getLogger("dit_kernels")
 
-_watched: weakref.WeakSet = weakref.WeakSet()  # the modules of every graphed model
-_structure_changes = 0  # submodule / parameter assignments to a watched module (see the module docstring)
+class _StructureWatch:
+    """Counts submodule / parameter assignments (``module.<name> = value``) to the modules of graphed models
+    (``modules``), through torch's global registration hooks, which see every such assignment in the
+    process (``ModuleList`` slices in a forward included). The hooks are registered only while at least one
+    runner that watches a module exists (``acquire`` / ``release``), never at import."""
+
+    def __init__(self):
+        self.modules: weakref.WeakSet = weakref.WeakSet()
+        self.changes = 0
+        self.handles: list = []
+        self._runners = 0
+
+    def _changed(self, module: nn.Module, name: str, value) -> None:
+        if module in self.modules:
+            self.changes += 1
+
+    def acquire(self) -> None:
+        if self._runners == 0:
+            self.handles = [nn_module.register_module_module_registration_hook(self._changed),
+                            nn_module.register_module_parameter_registration_hook(self._changed)]  # fmt: skip
+        self._runners += 1
+
+    def release(self) -> None:
+        self._runners -= 1
+        if self._runners == 0:
+            for handle in self.handles:
+                handle.remove()
+            self.handles = []
 
 
-def _structure_changed(module: nn.Module, name: str, value) -> None:
-    """torch's global registration hook (every ``module.<name> = value`` of a submodule or a parameter,
-    in the whole process: ``ModuleList`` slices in a forward included), counting only watched modules."""
-    global _structure_changes
-    if module in _watched:
-        _structure_changes += 1
-
-
-nn_module.register_module_module_registration_hook(_structure_changed)
-nn_module.register_module_parameter_registration_hook(_structure_changed)
+_WATCH = _StructureWatch()
 
 
 @dataclass
 class GraphConfig:
     """``max_keys``: recordings kept (LRU); ``max_bytes``: optional cap on their accounted bytes;
     ``warmup``: eager runs before each capture; ``alias_outputs``: return the static output buffers
-    (see the module docstring) instead of clones."""
+    (see the module docstring) instead of clones. ``backend``: what records and replays, for
+    ``patch(..., cuda_graphs=GraphConfig(...))``: None is ``CudaGraphBackend()``; ``EagerReplayBackend()``
+    runs the same logic on any device (how the tests exercise it on CPU)."""
 
     max_keys: int = 8
     max_bytes: Optional[int] = None
     warmup: int = 2
     alias_outputs: bool = False
+    backend: Optional[object] = None
 
 
 @dataclass
@@ -105,6 +125,9 @@ class GraphRunner:
                  module: Optional[nn.Module] = None, may_alias: bool = True):  # fmt: skip
         self.forward = forward
         self.module = module
+        if module is not None:  # the structure hooks live as long as a runner watching a module does
+            _WATCH.acquire()
+            weakref.finalize(self, _WATCH.release)
         self.may_alias = may_alias  # False: outputs always cloned (``alias_outputs`` reported as refused)
         self.backend = backend
         self.config = config or GraphConfig()
@@ -122,7 +145,7 @@ class GraphRunner:
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():  # torch.compile traces the forward itself (and has its own graphs)
             return self.forward(*args, **kwargs)
-        if self._structure != _structure_changes or self._weights != self._weights_now():
+        if self._structure != _WATCH.changes or self._weights != self._weights_now():
             self.stats["invalidations"] += bool(self._entries)
             self.reset()
         keyed = self.disabled or self._key(args, kwargs)
@@ -240,10 +263,10 @@ class GraphRunner:
         while self._entries:
             self.backend.release(self._entries.popitem()[1].handle)
         self.failed.clear()
-        self._single_use, self.disabled, self._structure = 0, None, _structure_changes
+        self._single_use, self.disabled, self._structure = 0, None, _WATCH.changes
         self._weights = self._weights_now()
         if self.module is not None:  # modules added since (LoRA layers) are watched too
-            _watched.update(self.module.modules())
+            _WATCH.modules.update(self.module.modules())
 
     def _weights_now(self) -> tuple:
         """Where the watched module's parameters and buffers live: ``.to()``, ``.half()`` or a ``.data =``

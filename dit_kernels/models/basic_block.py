@@ -1,7 +1,7 @@
 """diffusers' ``BasicTransformerBlock`` on fused ops, shared by DiT (``norm_type="ada_norm_zero"``) and
 PixArt-α/Σ (``"ada_norm_single"``), diffusers 0.42.
 
-A family supplies a ``BlockLayout``: its norm type, where the six modulation tensors come from
+A family supplies a ``BasicBlockKind``: its norm type, where the six modulation tensors come from
 (``shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp``, [B, D] or [B, 1, D]), which
 LayerNorm precedes the self-attention and which the feed-forward, and whether the block may have a
 cross-attention. Per block, h [B, S, D]::
@@ -33,9 +33,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import Tensor, nn
 
 from dit_kernels.models.shared import (
-    block_feed_forward,
     FusedAttnProcessor,
-    OpBackends,
+    block_feed_forward,
     check_type,
     check_unwrapped,
     gated_feed_forward,
@@ -43,13 +42,20 @@ from dit_kernels.models.shared import (
     validate_legacy_attention,
 )
 from dit_kernels.ops import gated_residual
+from dit_kernels.patching import BlockLayout, OpBackends, Patcher
 
 # (block, hidden_states [B, S, D], timestep, class_labels) -> the six modulation tensors, diffusers' order
 Modulation = Callable[[BasicTransformerBlock, Tensor, Optional[Tensor], Optional[Tensor]], tuple[Tensor, ...]]
 
 
+# The step cache's view of a model whose blocks are ``transformer_blocks`` of BasicTransformerBlock.
+BLOCKS = BlockLayout(("transformer_blocks",), joint=False,
+                     batch_args=frozenset({"hidden_states", "attention_mask", "encoder_hidden_states",
+                                           "encoder_attention_mask", "timestep", "class_labels"}))  # fmt: skip
+
+
 @dataclass(frozen=True)
-class BlockLayout:
+class BasicBlockKind:
     """What differs between the families that use ``BasicTransformerBlock``.
 
     ``attn_norm`` / ``ff_norm``: dotted paths (from the block) of the LayerNorms before attn1 and before the
@@ -68,32 +74,32 @@ class BlockLayout:
 # ----------------------------------------------------------------------------------------- validate
 
 
-def validate_blocks(transformer: nn.Module, layout: BlockLayout) -> None:
+def validate_blocks(transformer: nn.Module, kind: BasicBlockKind) -> None:
     """Every ``transformer.transformer_blocks[i]`` is one the fused forward reproduces exactly."""
     for i, block in enumerate(transformer.transformer_blocks):
-        validate_block(block, layout, f"transformer_blocks.{i}")
+        validate_block(block, kind, f"transformer_blocks.{i}")
 
 
-def validate_block(block: nn.Module, layout: BlockLayout, name: str) -> None:
-    """Stock, unhooked BasicTransformerBlock of the layout's norm type, none of the options the fused forward
+def validate_block(block: nn.Module, kind: BasicBlockKind, name: str) -> None:
+    """Stock, unhooked BasicTransformerBlock of the kind's norm type, none of the options the fused forward
     leaves out, plain LayerNorms, the family's own checks, attentions with AttnProcessor2_0."""
-    family = layout.family
+    family = kind.family
     check_type(block, BasicTransformerBlock, name, family)
     check_unwrapped(block, name, family)
-    if block.norm_type != layout.norm_type:
-        raise ValueError(f"{family}: {name} has norm_type={block.norm_type!r}, expected {layout.norm_type!r}")
+    if block.norm_type != kind.norm_type:
+        raise ValueError(f"{family}: {name} has norm_type={block.norm_type!r}, expected {kind.norm_type!r}")
     options = {
         "only_cross_attention": block.only_cross_attention,
         "double_self_attention": block.double_self_attention,
         "positional_embeddings": block.pos_embed is not None,
         "a GLIGEN fuser (attention_type 'gated')": hasattr(block, "fuser"),
-        "a cross-attention (attn2)": block.attn2 is not None and not layout.cross_attention,
+        "a cross-attention (attn2)": block.attn2 is not None and not kind.cross_attention,
     }
     unsupported = [option for option, on in options.items() if on]
     if unsupported:
         raise ValueError(f"{family}: {name} uses {', '.join(unsupported)}, which the fused {family} block does not")
-    layout.check(block, name)
-    for path in (layout.attn_norm, layout.ff_norm):
+    kind.check(block, name)
+    for path in (kind.attn_norm, kind.ff_norm):
         _check_layer_norm(attrgetter(path)(block), f"{name}.{path}", family)
     for attn in ("attn1", "attn2"):
         if getattr(block, attn) is not None:
@@ -110,9 +116,9 @@ def _check_layer_norm(norm: nn.Module, name: str, family: str) -> None:
 # ----------------------------------------------------------------------------------------- apply
 
 
-def apply_blocks(transformer: nn.Module, patcher, layout: BlockLayout) -> None:
+def apply_blocks(transformer: nn.Module, patcher: Patcher, kind: BasicBlockKind) -> None:
     """Swap every block's forward and its attention processors for the fused ones."""
-    forward = block_forward(patcher.ops, layout)
+    forward = block_forward(patcher.ops, kind)
     for block in transformer.transformer_blocks:
         patcher.replace_block(block, forward, _fused_ops(block), (block.attn1, block.attn2), FusedAttnProcessor)
 
@@ -122,9 +128,9 @@ def _fused_ops(block: BasicTransformerBlock) -> str:
     return f"layernorm_modulate, gated_residual_layernorm_modulate, {residuals}"
 
 
-def block_forward(ops: OpBackends, layout: BlockLayout):
+def block_forward(ops: OpBackends, kind: BasicBlockKind):
     """BasicTransformerBlock.forward (same signature) on fused ops: the math in the module docstring."""
-    attn_norm, ff_norm = attrgetter(layout.attn_norm), attrgetter(layout.ff_norm)
+    attn_norm, ff_norm = attrgetter(kind.attn_norm), attrgetter(kind.ff_norm)
 
     def forward(
         block,
@@ -137,16 +143,16 @@ def block_forward(ops: OpBackends, layout: BlockLayout):
         class_labels: Optional[Tensor] = None,
         added_cond_kwargs: Optional[dict] = None,
     ) -> Tensor:
-        shift_msa, scale_msa, gate_msa, *mlp = layout.modulation(block, hidden_states, timestep, class_labels)
+        shift_msa, scale_msa, gate_msa, *mlp = kind.modulation(block, hidden_states, timestep, class_labels)
         kwargs = _attention_kwargs(cross_attention_kwargs)
         normed = modulate(hidden_states, attn_norm(block), shift_msa, scale_msa, ops)
         attn = block.attn1(normed, encoder_hidden_states=None, attention_mask=attention_mask, **kwargs)
         if block.attn2 is not None:
-            hidden_states = gated_residual(hidden_states, attn, gate_msa, backend=ops.fused)
+            hidden_states = gated_residual(hidden_states, attn, gate_msa, backend=ops.norm)
             attn = block.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                attention_mask=encoder_attention_mask, **kwargs)  # fmt: skip
             gate_msa = None
-        ff = block_feed_forward(block, block.ff)
+        ff = block_feed_forward(block, block.ff, ops)
         return gated_feed_forward(hidden_states, attn, (gate_msa, *mlp), ff_norm(block), ff, ops)
 
     return forward

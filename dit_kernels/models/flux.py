@@ -31,7 +31,7 @@ processor, another norm type, a forward already wrapped by a hook) before anythi
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from diffusers import FluxTransformer2DModel
@@ -47,8 +47,9 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import Tensor, nn
 
+from dit_kernels.models.family import Family, Shape
 from dit_kernels.models.shared import (
-    OpBackends,
+    JOINT_BLOCK_BATCH_ARGS,
     Stream,
     check_qk_norms,
     check_type,
@@ -61,9 +62,9 @@ from dit_kernels.models.shared import (
     modulation,
 )
 from dit_kernels.ops import gated_residual, joint_attention, rope_tables
+from dit_kernels.patching import BlockLayout, OpBackends, Patcher
 
-FAMILY = "flux"
-TRANSFORMER_CLASS = FluxTransformer2DModel
+NAME = "flux"
 
 
 # ----------------------------------------------------------------------------------------- validate
@@ -117,7 +118,7 @@ def _validate_attention(attn: nn.Module, name: str, joint: bool) -> None:
             f"{'double' if joint else 'single'} block's attention has {'both' if joint else 'neither'} "
             "text projections and an output projection"
         )
-    check_qk_norms(attn, [("norm_q", "norm_k")] + [("norm_added_q", "norm_added_k")] * joint, name, FAMILY)
+    check_qk_norms(attn, [("norm_q", "norm_k")] + [("norm_added_q", "norm_added_k")] * joint, name, NAME)
 
 
 def _check_ada_norm(norm: nn.Module, cls: type, name: str) -> None:
@@ -125,10 +126,10 @@ def _check_ada_norm(norm: nn.Module, cls: type, name: str) -> None:
     _check_type(norm.norm, nn.LayerNorm, f"{name}.norm")
 
 
-_check_type = functools.partial(check_type, family=FAMILY)
+_check_type = functools.partial(check_type, family=NAME)
 
 
-_check_unwrapped = functools.partial(check_unwrapped, family=FAMILY)
+_check_unwrapped = functools.partial(check_unwrapped, family=NAME)
 
 
 def _attentions(transformer: FluxTransformer2DModel) -> list[FluxAttention]:
@@ -138,9 +139,10 @@ def _attentions(transformer: FluxTransformer2DModel) -> list[FluxAttention]:
 # ----------------------------------------------------------------------------------------- apply
 
 
-def apply(transformer: FluxTransformer2DModel, patcher) -> None:
-    """Swap pos_embed's forward, every block's forward and every attention processor."""
-    patcher.replace_forward(transformer.pos_embed, _pos_embed_forward, "rope_tables once per call")
+def apply(transformer: FluxTransformer2DModel, patcher: Patcher) -> None:
+    """Swap pos_embed's forward (for the fused RoPE), every block's forward and every attention processor."""
+    if patcher.ops.on("rope"):
+        patcher.replace_forward(transformer.pos_embed, _pos_embed_forward, "rope_tables once per call")
     double = _double_block_forward(patcher.ops)
     single = _single_block_forward(patcher.ops)
     what = "layernorm_modulate x2, gated_residual_layernorm_modulate x2, gated_residual x2"
@@ -163,16 +165,19 @@ def _double_block_forward(ops: OpBackends):
     def forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
         img = modulation(block.norm1, temb, 6)
         txt = modulation(block.norm1_context, temb, 6)
-        attn_img, attn_txt = block.attn(
+        attn_img, attn_txt, *ip_adapter = block.attn(
             hidden_states=modulate(hidden_states, block.norm1.norm, img[0], img[1], ops),
             encoder_hidden_states=modulate(encoder_hidden_states, block.norm1_context.norm, txt[0], txt[1], ops),
             image_rotary_emb=image_rotary_emb,
             **(joint_attention_kwargs or {}),
         )
         hidden_states = gated_feed_forward(hidden_states, attn_img, img[2:], block.norm2,
-                                           functools.partial(feed_forward, block.ff), ops)  # fmt: skip
+                                           functools.partial(feed_forward, block.ff, ops=ops), ops)  # fmt: skip
+        if ip_adapter:  # FluxIPAdapterAttnProcessor's third output, added after the feed-forward as diffusers does
+            hidden_states = hidden_states + ip_adapter[0]
         encoder_hidden_states = gated_feed_forward(encoder_hidden_states, attn_txt, txt[2:], block.norm2_context,
-                                                   functools.partial(feed_forward, block.ff_context), ops)  # fmt: skip
+                                                   functools.partial(feed_forward, block.ff_context, ops=ops),
+                                                   ops)  # fmt: skip
         return clip_fp16(encoder_hidden_states), hidden_states
 
     return forward
@@ -188,7 +193,7 @@ def _single_block_forward(ops: OpBackends):
         normed = modulate(residual, block.norm.norm, shift, scale, ops)
         attn = block.attn(hidden_states=normed, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
         out = block.proj_out(_attn_and_mlp(block, attn, block.proj_mlp(normed)))
-        joint = clip_fp16(gated_residual(residual, out, gate, backend=ops.fused))
+        joint = clip_fp16(gated_residual(residual, out, gate, backend=ops.norm))
         return joint[:, :text_len], joint[:, text_len:]
 
     return forward
@@ -254,10 +259,12 @@ class FluxFusedAttnProcessor:
     ``dispatch_attention_fn`` exactly as FluxAttnProcessor passes them, so those features keep working.
 
     ``_attention_backend`` and ``_parallel_config`` read and write the replaced processor's attributes:
-    a setting made before ``patch`` is honoured, and one made while patched survives ``unpatch``."""
+    a setting made before ``patch`` is honoured, and one made while patched survives ``unpatch``.
+    Constructible with no arguments, as diffusers rebuilds single blocks' processors (``type(processor)()``)
+    when it loads an IP-adapter: a fresh FluxAttnProcessor as the original, each op's default backend."""
 
-    def __init__(self, original: FluxAttnProcessor, ops: OpBackends):
-        self.original = original
+    def __init__(self, original: Optional[FluxAttnProcessor] = None, ops: OpBackends = OpBackends()):
+        self.original = FluxAttnProcessor() if original is None else original
         self.ops = ops
 
     @property
@@ -299,8 +306,9 @@ class FluxFusedAttnProcessor:
         return attn.to_out[1](attn.to_out[0](img.contiguous())), attn.to_add_out(txt.contiguous())
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """[B, T + S, H, Dh] -> [B, T + S, H, Dh]: our kernel, or diffusers' dispatch (see the class doc)."""
-        if self._uses_diffusers_dispatch(mask):
+        """[B, T + S, H, Dh] -> [B, T + S, H, Dh]: our kernel, or diffusers' dispatch (see the class doc; also
+        with the attention op switched off)."""
+        if not self.ops.on("attention") or self._uses_diffusers_dispatch(mask):
             return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._attention_backend,
                                          parallel_config=self._parallel_config)  # fmt: skip
         return joint_attention(q, k, v, backend=self.ops.attention)
@@ -313,3 +321,58 @@ class FluxFusedAttnProcessor:
             or mask is not None
             or active != AttentionBackendName.NATIVE
         )
+
+
+# ----------------------------------------------------------------------------------------- examples
+
+
+def inputs(config, shape: Shape, randn: Callable, dtype: torch.dtype) -> dict:
+    """FluxPipeline's transformer call. The pipeline packs 2x2 latent patches into tokens: ``height x width``
+    here is the token grid; ids [S, 3] = (0, row, col) in the latents' dtype (positions stay exact up to
+    256 in bf16); guidance in fp32, as the pipeline makes it."""
+    b = shape.batch
+    rows, cols = torch.meshgrid(torch.arange(shape.height), torch.arange(shape.width), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).flatten(0, 1).to(dtype)
+    kwargs = {
+        "hidden_states": randn(b, shape.height * shape.width, config.in_channels),
+        "encoder_hidden_states": randn(b, shape.text_len, config.joint_attention_dim),
+        "pooled_projections": randn(b, config.pooled_projection_dim),
+        "timestep": ((torch.arange(b) * 37 % 1000 + 1) / 1000).to(dtype),
+        "img_ids": img_ids,
+        "txt_ids": torch.zeros(shape.text_len, 3, dtype=dtype),
+    }
+    if config.guidance_embeds:
+        kwargs["guidance"] = torch.full((b,), 3.5)
+    return kwargs
+
+
+_REAL = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+             axes_dims_rope=(16, 56, 56))  # FLUX.1-dev  # fmt: skip
+CONFIGS = {
+    "real": _REAL,
+    "small": _REAL | dict(num_layers=1, num_single_layers=1),
+    # 16 = 4 x 4 packed latent channels; RoPE axes sum to the head dim
+    "tiny": dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
+                 axes_dims_rope=(4, 6, 6)),  # fmt: skip
+}
+
+FAMILY = Family(
+    name=NAME,
+    classes=(FluxTransformer2DModel,),
+    validate=validate,
+    apply=apply,
+    # double blocks, then single blocks; both return (text, image)
+    blocks=BlockLayout(("transformer_blocks", "single_transformer_blocks"), joint=True,
+                       batch_args=JOINT_BLOCK_BATCH_ARGS,
+                       bypass_args=("controlnet_block_samples", "controlnet_single_block_samples")),  # fmt: skip
+    configs=CONFIGS,
+    inputs=inputs,
+    text_len=lambda config: 512,
+    traffic_shape=Shape(1, 64, 64, 512),  # 1024 px: 64 x 64 tokens
+    traffic_depth={"num_layers": 2, "num_single_layers": 2},
+    timestep_scale=1 / 1000,
+    timestep_in_model_dtype=True,
+    latent_packing=2,
+)

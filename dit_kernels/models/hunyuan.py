@@ -32,6 +32,8 @@ processor, diffusers' fused QKV projections, another norm type, a forward alread
 from __future__ import annotations
 
 import functools
+from typing import Callable
+
 import torch
 from diffusers import HunyuanDiT2DModel
 from diffusers.models.attention_processor import HunyuanAttnProcessor2_0
@@ -39,9 +41,9 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.hunyuan_transformer_2d import AdaLayerNormShift, HunyuanDiTBlock
 from torch import Tensor, nn
 
+from dit_kernels.models.family import Family, Shape
 from dit_kernels.models.shared import (
     FusedAttnProcessor,
-    OpBackends,
     check_type,
     check_unwrapped,
     feed_forward,
@@ -50,9 +52,9 @@ from dit_kernels.models.shared import (
     validate_legacy_attention,
 )
 from dit_kernels.ops import gated_residual, gated_residual_layernorm_modulate
+from dit_kernels.patching import BlockLayout, OpBackends, Patcher
 
-FAMILY = "hunyuan"
-TRANSFORMER_CLASS = HunyuanDiT2DModel
+NAME = "hunyuan"
 
 
 # ----------------------------------------------------------------------------------------- validate
@@ -66,22 +68,22 @@ def validate(transformer: HunyuanDiT2DModel) -> None:
 
 def _validate_block(block: nn.Module, name: str) -> None:
     _check_type(block, HunyuanDiTBlock, name)
-    check_unwrapped(block, name, FAMILY)
+    check_unwrapped(block, name, NAME)
     _check_type(block.norm1, AdaLayerNormShift, f"{name}.norm1")
     norms = ["norm1.norm", "norm2", "norm3"] + ["skip_norm"] * (block.skip_linear is not None)
     for norm in norms:
         _check_type(block.get_submodule(norm), FP32LayerNorm, f"{name}.{norm}")
     for attn in ("attn1", "attn2"):
-        validate_legacy_attention(getattr(block, attn), HunyuanAttnProcessor2_0, f"{name}.{attn}", FAMILY)
+        validate_legacy_attention(getattr(block, attn), HunyuanAttnProcessor2_0, f"{name}.{attn}", NAME)
 
 
-_check_type = functools.partial(check_type, family=FAMILY)
+_check_type = functools.partial(check_type, family=NAME)
 
 
 # ----------------------------------------------------------------------------------------- apply
 
 
-def apply(transformer: HunyuanDiT2DModel, patcher) -> None:
+def apply(transformer: HunyuanDiT2DModel, patcher: Patcher) -> None:
     """Swap every block's forward and both attention processors of every block."""
     forward = _block_forward(patcher.ops)
     for block in transformer.blocks:
@@ -102,7 +104,7 @@ def _block_forward(ops: OpBackends):
         hidden_states, normed = _residual_norm(hidden_states, attn, block.norm2, ops)
         attn = block.attn2(normed, encoder_hidden_states=encoder_hidden_states, image_rotary_emb=image_rotary_emb)
         hidden_states, normed = _residual_norm(hidden_states, attn, block.norm3, ops)
-        return gated_residual(hidden_states, feed_forward(block.ff, normed), backend=ops.fused)
+        return gated_residual(hidden_states, feed_forward(block.ff, normed, ops), backend=ops.norm)
 
     return forward
 
@@ -114,4 +116,65 @@ def _shift(norm: AdaLayerNormShift, temb: Tensor) -> Tensor:
 
 def _residual_norm(residual: Tensor, y: Tensor, norm: nn.LayerNorm, ops: OpBackends) -> tuple[Tensor, Tensor]:
     """``h = residual + y`` and ``norm(h)`` (affine LayerNorm in fp32, no modulation): one launch."""
-    return gated_residual_layernorm_modulate(residual, y, **layernorm_kwargs(norm), backend=ops.fused)
+    return gated_residual_layernorm_modulate(residual, y, **layernorm_kwargs(norm), backend=ops.norm)
+
+
+# ----------------------------------------------------------------------------------------- examples
+
+
+def inputs(config, shape: Shape, randn: Callable, dtype: torch.dtype) -> dict:
+    """HunyuanDiTPipeline's transformer call: latents [B, C, H, W], Bert and T5 text of the config's lengths
+    (samples after the first padded), the pipeline's 2-D RoPE tables, t in the latents' dtype."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+
+    b, patch = shape.batch, config.patch_size
+    grid = (shape.height // patch, shape.width // patch)
+    crops = get_resize_crop_region_for_grid(grid, 512 // 8 // patch)
+    rope = get_2d_rotary_pos_embed(config.attention_head_dim, crops, grid, output_type="pt")
+    mask, mask_t5 = torch.ones(b, config.text_len, dtype=torch.long), torch.ones(b, config.text_len_t5, dtype=torch.long)
+    mask[1:, -max(1, config.text_len // 4) :] = 0
+    mask_t5[1:, -max(1, config.text_len_t5 // 4) :] = 0
+    conditioned = config.use_style_cond_and_image_meta_size
+    return {
+        "hidden_states": randn(b, config.in_channels, shape.height, shape.width),
+        "timestep": (torch.arange(b) * 37 % 1000).to(dtype),
+        "encoder_hidden_states": randn(b, config.text_len, config.cross_attention_dim),
+        "text_embedding_mask": mask,
+        "encoder_hidden_states_t5": randn(b, config.text_len_t5, config.cross_attention_dim_t5),
+        "text_embedding_mask_t5": mask_t5,
+        "image_meta_size": randn(b, 6).abs() * 512 if conditioned else None,
+        "style": torch.zeros(b, dtype=torch.long) if conditioned else None,
+        "image_rotary_emb": rope,
+    }
+
+
+_REAL = dict(num_attention_heads=16, attention_head_dim=88, in_channels=4, patch_size=2, hidden_size=1408,
+             num_layers=40, sample_size=128, cross_attention_dim=1024, cross_attention_dim_t5=2048,
+             pooled_projection_dim=1024, text_len=77, text_len_t5=256,
+             use_style_cond_and_image_meta_size=False)  # v1.2  # fmt: skip
+CONFIGS = {
+    "real": _REAL,
+    "small": _REAL | dict(num_layers=4),  # the fewest with a long-skip half (diffusers needs an even count >= 4)
+    # Text lengths must match the inputs; HunyuanDiTPipeline hard-codes 77 / 256 (its callers override them).
+    "tiny": dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, hidden_size=16, num_layers=4, patch_size=2,
+                 sample_size=8, cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=16, text_len=5,
+                 text_len_t5=7),  # fmt: skip
+}
+
+FAMILY = Family(
+    name=NAME,
+    classes=(HunyuanDiT2DModel,),
+    validate=validate,
+    apply=apply,
+    # long skips are handed from block to block by the transformer's loop (the ``skip`` argument)
+    blocks=BlockLayout(("blocks",), joint=False, batch_args=frozenset({"hidden_states", "encoder_hidden_states",
+                                                                      "temb", "skip"}),
+                       bypass_args=("controlnet_block_samples",)),  # fmt: skip
+    configs=CONFIGS,
+    inputs=inputs,
+    text_len=lambda config: config.get("text_len") + config.get("text_len_t5"),
+    traffic_shape=Shape(1, 128, 128, 77 + 256),  # 1024 px; the cross-attention's 77 CLIP + 256 T5 tokens
+    traffic_depth={"num_layers": 4},
+    timestep_in_model_dtype=True,
+)

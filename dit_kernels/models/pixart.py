@@ -17,16 +17,18 @@ comparison, not an identity check.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention import BasicTransformerBlock
 from torch import Tensor
 
 from dit_kernels.models import basic_block
+from dit_kernels.models.family import Family, Shape
+from dit_kernels.patching import Patcher
 
-FAMILY = "pixart"
-TRANSFORMER_CLASS = PixArtTransformer2DModel
+NAME = "pixart"
 
 
 def _modulation(block: BasicTransformerBlock, hidden_states: Tensor, timestep: Optional[Tensor],
@@ -42,15 +44,54 @@ def _check(block: BasicTransformerBlock, name: str) -> None:
                          f"expected {expected}")  # fmt: skip
 
 
-LAYOUT = basic_block.BlockLayout(FAMILY, "ada_norm_single", _modulation, attn_norm="norm1", ff_norm="norm2",
+KIND = basic_block.BasicBlockKind(NAME, "ada_norm_single", _modulation, attn_norm="norm1", ff_norm="norm2",
                                  cross_attention=True, check=_check)  # fmt: skip
 
 
 def validate(transformer: PixArtTransformer2DModel) -> None:
     """Raise ValueError naming the first block or module the fused path would not reproduce."""
-    basic_block.validate_blocks(transformer, LAYOUT)
+    basic_block.validate_blocks(transformer, KIND)
 
 
-def apply(transformer: PixArtTransformer2DModel, patcher) -> None:
+def apply(transformer: PixArtTransformer2DModel, patcher: Patcher) -> None:
     """Swap every block's forward and its self- and cross-attention processors."""
-    basic_block.apply_blocks(transformer, patcher, LAYOUT)
+    basic_block.apply_blocks(transformer, patcher, KIND)
+
+
+def inputs(config, shape: Shape, randn: Callable, dtype: torch.dtype) -> dict:
+    """PixArtSigmaPipeline's transformer call; samples after the first have padded text (masked keys)."""
+    b = shape.batch
+    mask = torch.ones(b, shape.text_len, dtype=torch.long)
+    mask[1:, shape.text_len - max(1, shape.text_len // 4) :] = 0
+    return {
+        "hidden_states": randn(b, config.in_channels, shape.height, shape.width),
+        "encoder_hidden_states": randn(b, shape.text_len, config.caption_channels),
+        "encoder_attention_mask": mask,
+        "timestep": torch.arange(b) * 37 % 1000,
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+
+
+_COMMON = dict(in_channels=4, out_channels=8, patch_size=2, norm_type="ada_norm_single", norm_elementwise_affine=False,
+               norm_eps=1e-6, use_additional_conditions=False)  # fmt: skip
+_REAL = _COMMON | dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, cross_attention_dim=1152,
+                       caption_channels=4096, sample_size=128)  # PixArt-Σ  # fmt: skip
+CONFIGS = {
+    "real": _REAL,
+    "small": _REAL | dict(num_layers=2),
+    "tiny": _COMMON | dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, cross_attention_dim=16,
+                           caption_channels=32, sample_size=8),  # fmt: skip
+}
+
+FAMILY = Family(
+    name=NAME,
+    classes=(PixArtTransformer2DModel,),
+    validate=validate,
+    apply=apply,
+    blocks=basic_block.BLOCKS,
+    configs=CONFIGS,
+    inputs=inputs,
+    text_len=lambda config: 300,
+    traffic_shape=Shape(1, 128, 128, 300),  # 1024 px
+    traffic_depth={"num_layers": 2},
+)

@@ -42,7 +42,7 @@ forward already wrapped by a hook) before anything changes.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,25 +53,27 @@ from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
 from torch import Tensor, nn
 
+from dit_kernels.models.family import Family, Shape
 from dit_kernels.models.shared import (
-    TensorMemo,
-    block_feed_forward,
-    is_plain_linear,
-    plain_inference,
-    OpBackends,
+    JOINT_BLOCK_BATCH_ARGS,
     Stream,
+    TensorMemo,
+    attend,
+    block_feed_forward,
     check_qk_norms,
     check_type,
     check_unwrapped,
     fused_joint_attention,
     gated_feed_forward,
+    is_plain_linear,
     joint_buffers,
     modulate,
+    plain_inference,
 )
-from dit_kernels.ops import gated_residual, joint_attention
+from dit_kernels.ops import gated_residual
+from dit_kernels.patching import BlockLayout, OpBackends, Patcher
 
-FAMILY = "sd3"
-TRANSFORMER_CLASS = SD3Transformer2DModel
+NAME = "sd3"
 
 _IMAGE = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
 _TEXT = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
@@ -127,22 +129,25 @@ def _validate_attention(attn: nn.Module, name: str, joint: bool, context_pre_onl
             f"expected {'text projections' if joint else 'none'} and context_pre_only={context_pre_only} "
             "as JointTransformerBlock builds it"
         )
-    check_qk_norms(attn, [("norm_q", "norm_k")] + [("norm_added_q", "norm_added_k")] * joint, name, FAMILY)
+    check_qk_norms(attn, [("norm_q", "norm_k")] + [("norm_added_q", "norm_added_k")] * joint, name, NAME)
 
 
-_check_type = functools.partial(check_type, family=FAMILY)
+_check_type = functools.partial(check_type, family=NAME)
 
 
-_check_unwrapped = functools.partial(check_unwrapped, family=FAMILY)
+_check_unwrapped = functools.partial(check_unwrapped, family=NAME)
 
 
 # ----------------------------------------------------------------------------------------- apply
 
 
-def apply(transformer: SD3Transformer2DModel, patcher) -> None:
-    """Swap time_text_embed's forward, every block's forward and every attention processor."""
+def apply(transformer: SD3Transformer2DModel, patcher: Patcher) -> None:
+    """Swap time_text_embed's forward (for the fused blocks), every block's forward and every attention
+    processor."""
     silu = TensorMemo()
-    patcher.replace_forward(transformer.time_text_embed, _time_text_embed_forward(silu), "silu(temb) once per call")
+    if patcher.ops.on("norm"):
+        patcher.replace_forward(transformer.time_text_embed, _time_text_embed_forward(silu),
+                                "silu(temb) once per call")  # fmt: skip
     forward = _block_forward(patcher.ops, silu)
     for block in transformer.transformer_blocks:
         patcher.replace_block(block, forward, _fused_ops(block), (block.attn, block.attn2), SD3FusedAttnProcessor)
@@ -183,14 +188,14 @@ def _block_forward(ops: OpBackends, silu: TensorMemo):
         residual, tail = hidden_states, img[2:6]
         if block.use_dual_attention:  # attn2 normalises the block's input, its residual follows attn's
             normed2 = modulate(hidden_states, block.norm1.norm, img[6], img[7], ops)
-            residual = gated_residual(hidden_states, attn_img, img[2], backend=ops.fused)
+            residual = gated_residual(hidden_states, attn_img, img[2], backend=ops.norm)
             attn_img, tail = block.attn2(hidden_states=normed2, **joint_attention_kwargs), (img[8], *img[3:6])
-        ff = block_feed_forward(block, block.ff)
+        ff = block_feed_forward(block, block.ff, ops)
         hidden_states = gated_feed_forward(residual, attn_img, tail, block.norm2, ff, ops)
         if block.context_pre_only:
             return None, hidden_states
         encoder_hidden_states = gated_feed_forward(encoder_hidden_states, attn_txt, txt[2:], block.norm2_context,
-                                                   block_feed_forward(block, block.ff_context), ops)  # fmt: skip
+                                                   block_feed_forward(block, block.ff_context, ops), ops)  # fmt: skip
         return encoder_hidden_states, hidden_states
 
     return forward
@@ -218,10 +223,11 @@ class SD3FusedAttnProcessor:
     ``norm_added_*``) after it; ``joint_attention`` (scale 1/sqrt(Dh)); ``to_out`` on the image rows and
     ``to_add_out`` on the text rows (or the text rows as they are in a context_pre_only block, as diffusers
     returns them). Without ``encoder_hidden_states`` (SD3.5's attn2): self-attention of the image stream.
-    ``attention_mask``, ``*args`` and ``**kwargs`` are accepted and ignored, as JointAttnProcessor2_0 does."""
+    ``attention_mask``, ``*args`` and ``**kwargs`` are accepted and ignored, as JointAttnProcessor2_0 does.
+    Constructible with no arguments (diffusers' ``type(processor)()``): each op's default backend."""
 
-    def __init__(self, original: JointAttnProcessor2_0, ops: OpBackends):
-        self.original = original
+    def __init__(self, original: Optional[JointAttnProcessor2_0] = None, ops: OpBackends = OpBackends()):
+        self.original = JointAttnProcessor2_0() if original is None else original
         self.ops = ops
 
     def __call__(
@@ -241,7 +247,7 @@ class SD3FusedAttnProcessor:
             q, k, v = _projected_joint_buffers(attn, inputs)
         else:
             q, k, v = joint_buffers([_stream(attn, x, names) for x, names in inputs], attn.heads, self.ops)
-        out = joint_attention(q, k, v, backend=self.ops.attention).flatten(2)
+        out = attend(q, k, v, self.ops).flatten(2)
         img, txt = out.split_with_sizes([hidden_states.shape[1], encoder_hidden_states.shape[1]], dim=1)
         img = attn.to_out[1](attn.to_out[0](img))
         return img, txt if attn.context_pre_only else attn.to_add_out(txt)
@@ -290,3 +296,43 @@ def _linear_into(linear: nn.Linear, x: Tensor, out: Tensor) -> None:
         weight = weight.expand(x.shape[0], -1, -1)
         gemm = torch.bmm if linear.bias is None else functools.partial(torch.baddbmm, linear.bias)
     gemm(x, weight, out=out)
+
+
+# ----------------------------------------------------------------------------------------- examples
+
+
+def inputs(config, shape: Shape, randn: Callable, dtype: torch.dtype) -> dict:
+    """StableDiffusion3Pipeline's transformer call: latents [B, C, H, W], T5+CLIP text, pooled CLIP."""
+    b = shape.batch
+    return {
+        "hidden_states": randn(b, config.in_channels, shape.height, shape.width),
+        "encoder_hidden_states": randn(b, shape.text_len, config.joint_attention_dim),
+        "pooled_projections": randn(b, config.pooled_projection_dim),
+        "timestep": torch.arange(b) * 37 % 1000,
+    }
+
+
+_REAL = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+             pos_embed_max_size=192)  # SD3-medium  # fmt: skip
+CONFIGS = {
+    "real": _REAL,
+    "small": _REAL | dict(num_layers=2),  # the second block is the context_pre_only one
+    "tiny": dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24,
+                 pos_embed_max_size=16),  # fmt: skip
+}
+
+FAMILY = Family(
+    name=NAME,
+    classes=(SD3Transformer2DModel,),
+    validate=validate,
+    apply=apply,
+    blocks=BlockLayout(("transformer_blocks",), joint=True, batch_args=JOINT_BLOCK_BATCH_ARGS,
+                       bypass_args=("block_controlnet_hidden_states", "skip_layers")),  # fmt: skip
+    configs=CONFIGS,
+    inputs=inputs,
+    text_len=lambda config: 333,  # 77 CLIP + 256 T5
+    traffic_shape=Shape(1, 128, 128, 333),  # 1024 px
+    traffic_depth={"num_layers": 3},  # the last block is context_pre_only
+)

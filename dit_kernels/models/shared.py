@@ -1,6 +1,7 @@
-"""What every family patcher uses: the swap recorder that makes ``unpatch`` exact, the op backends a
-patch resolved, and the fused attention front-end (per-head QK norm + RoPE written straight into one
-joint [B, S_total, H, Dh] buffer per q/k/v, then ``joint_attention``).
+"""What every family patcher uses: validators, modulate helpers, the direct GEMM paths, and the fused
+attention front-end (per-head QK norm + RoPE written straight into one joint [B, S_total, H, Dh] buffer
+per q/k/v, then ``joint_attention``), each op honouring its ``OpBackends`` switch (off: diffusers' own
+computation of that op).
 
 Patchers never fuse or copy weights: they call the model's own ``nn.Linear`` modules, so LoRA layers
 that peft injects before or after ``patch`` keep working, and the state dict never changes.
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dit_kernels.ops import (
@@ -23,75 +24,14 @@ from dit_kernels.ops import (
     joint_attention,
     layernorm_modulate,
     qk_norm_rope,
+    to_heads_first,
+    to_seq_first,
 )
+from dit_kernels.patching import OpBackends
 
-_MISSING = object()
 FP16_MAX = torch.finfo(torch.float16).max  # 65504: diffusers' clip bound
-
-
-@dataclass(frozen=True)
-class OpBackends:
-    """The backend each op family runs with in a patched model.
-
-    ``fused``: for the norm/modulate family and ``qk_norm_rope`` ("torch", "triton", "cuda", "cuda_emu").
-    ``attention``: for ``joint_attention``; None lets it choose per call (FlashAttention, our Triton kernel
-    for head dims 72/88, SDPA; see ``dit_kernels.ops.attention_backend``)."""
-
-    fused: str
-    attention: Optional[str]
-
-
-@dataclass
-class Patcher:
-    """Applies a family's replacements and records each one so that ``undo`` restores the model exactly.
-
-    Every change is an instance attribute set on a module (a block's ``forward``, an attention module's
-    ``processor``, ...); ``undo`` puts back the previous instance attribute, or removes ours when the
-    module had none (so the class's method shows through again)."""
-
-    ops: OpBackends
-    replaced: list[str] = field(default_factory=list)
-    fallbacks: list[str] = field(default_factory=list)
-    _undo: list[tuple[object, str, object]] = field(default_factory=list)
-    _names: dict[int, str] = field(default_factory=dict)
-
-    def name_modules(self, root: nn.Module) -> None:
-        """Remember qualified names (``transformer_blocks.3.attn``) for the report."""
-        self._names = {id(module): name or type(root).__name__ for name, module in root.named_modules()}
-
-    def set_attr(self, obj: object, name: str, value: object, what: str) -> None:
-        """``obj.<name> = value`` (bypassing nn.Module's registration), recorded for ``undo``."""
-        self._undo.append((obj, name, obj.__dict__.get(name, _MISSING)))
-        object.__setattr__(obj, name, value)
-        self.replaced.append(f"{self._names.get(id(obj), type(obj).__name__)}.{name}: {what}")
-
-    def replace_forward(self, module: nn.Module, forward: Callable, what: str) -> None:
-        """Bind ``forward(module, ...)`` as ``module.forward`` (an instance attribute)."""
-        self.set_attr(module, "forward", types.MethodType(forward, module), what)
-
-    def set_processor(self, attention: nn.Module, processor: object) -> None:
-        self.set_attr(attention, "processor", processor, type(processor).__name__)
-
-    def replace_block(self, block: nn.Module, forward: Callable, what: str, attentions: Sequence[Optional[nn.Module]],
-                      processor_cls: type) -> None:  # fmt: skip
-        """``block``'s forward becomes ``forward`` (reported as ``what``) and each attention module of
-        ``attentions`` that is there (not None) gets ``processor_cls(its processor, self.ops)``."""
-        self.replace_forward(block, forward, what)
-        for attention in attentions:
-            if attention is not None:
-                self.set_processor(attention, processor_cls(attention.processor, self.ops))
-
-    def fallback(self, what: str, why: str) -> None:
-        """Something stays on diffusers' eager path; the report says what and why."""
-        self.fallbacks.append(f"{what}: {why}")
-
-    def undo(self) -> None:
-        while self._undo:
-            obj, name, previous = self._undo.pop()
-            if previous is _MISSING:
-                del obj.__dict__[name]
-            else:
-                object.__setattr__(obj, name, previous)
+# Block arguments with the batch first, of the joint (image + text stream) blocks of SD3 and FLUX.
+JOINT_BLOCK_BATCH_ARGS = frozenset({"hidden_states", "encoder_hidden_states", "temb"})
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -147,7 +87,7 @@ def modulate(x: Tensor, norm: nn.LayerNorm, shift: Optional[Tensor], scale: Opti
              ops: OpBackends) -> Tensor:  # fmt: skip
     """``norm(x) * (1 + scale) + shift``: x [B, S, D], shift/scale [B, D] / [B, 1, D] (None: left out); one
     layernorm_modulate launch, statistics in fp32."""
-    return layernorm_modulate(x, shift, scale, **layernorm_kwargs(norm), backend=ops.fused)
+    return layernorm_modulate(x, shift, scale, **layernorm_kwargs(norm), backend=ops.norm)
 
 
 def gated_feed_forward(h: Tensor, attn: Tensor, mod: Sequence[Tensor], norm: nn.LayerNorm, ff: nn.Module,
@@ -157,8 +97,8 @@ def gated_feed_forward(h: Tensor, attn: Tensor, mod: Sequence[Tensor], norm: nn.
     two launches (gated_residual_layernorm_modulate, gated_residual) around the model's own ``ff``."""
     gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
     h, normed = gated_residual_layernorm_modulate(h, attn, gate_msa, shift_mlp, scale_mlp, **layernorm_kwargs(norm),
-                                                  backend=ops.fused)  # fmt: skip
-    return gated_residual(h, ff(normed), gate_mlp, backend=ops.fused)
+                                                  backend=ops.norm)  # fmt: skip
+    return gated_residual(h, ff(normed), gate_mlp, backend=ops.norm)
 
 
 def clip_fp16(x: Tensor) -> Tensor:
@@ -193,11 +133,11 @@ class TensorMemo:
 # place (never copied) to fuse around the GEMM; a peft LoRA layer or a hooked module is called as a module.
 
 
-def feed_forward(ff: nn.Module, x: Tensor) -> Tensor:
+def feed_forward(ff: nn.Module, x: Tensor, ops: OpBackends) -> Tensor:
     """``ff(x)`` for x [B, S, D]; when ``gelu_fits_epilogue``, ``gelu_tanh(proj(x))`` is one
     ``torch._addmm_activation`` GEMM (cuBLASLt's GELU_BIAS epilogue: the [B, S, 4D] activation is written
     once and never re-read by a GELU kernel), then ``ff``'s own Dropout and output Linear."""
-    if not gelu_fits_epilogue(ff, x):
+    if not gelu_fits_epilogue(ff, x, ops):
         return ff(x)
     proj = ff.net[0].proj
     hidden = torch._addmm_activation(proj.bias, x.flatten(0, -2), proj.weight.t(), use_gelu=True)
@@ -207,26 +147,26 @@ def feed_forward(ff: nn.Module, x: Tensor) -> Tensor:
     return hidden
 
 
-def block_feed_forward(block: nn.Module, ff: nn.Module) -> Callable[[Tensor], Tensor]:
+def block_feed_forward(block: nn.Module, ff: nn.Module, ops: OpBackends) -> Callable[[Tensor], Tensor]:
     """``ff`` as a diffusers block with ``set_chunk_feed_forward`` calls it: diffusers' own
     ``_chunked_feed_forward`` once a chunk size is set, else whole through ``feed_forward``."""
     if block._chunk_size is None:
-        return functools.partial(feed_forward, ff)
+        return functools.partial(feed_forward, ff, ops=ops)
     from diffusers.models.attention import _chunked_feed_forward
 
     return functools.partial(_chunked_feed_forward, ff, chunk_dim=block._chunk_dim, chunk_size=block._chunk_size)
 
 
-def gelu_fits_epilogue(ff: nn.Module, x: Tensor) -> bool:
+def gelu_fits_epilogue(ff: nn.Module, x: Tensor, ops: OpBackends) -> bool:
     """FeedForward(activation_fn="gelu-approximate") whose ``net[0].proj`` is a plain biased nn.Linear, nothing
-    hooked, eager inference, on CUDA: ``_addmm_activation``'s GELU is the tanh approximation there, the exact
-    erf GELU on CPU (so CPU calls the module); "meta" stands for CUDA in the shape-only traffic model."""
+    hooked, eager inference, and ``ops.gelu_epilogue`` (None: on CUDA, where ``_addmm_activation``'s GELU is
+    the tanh approximation; on CPU it is the exact erf GELU, so CPU calls the module)."""
     from diffusers.models.activations import GELU
     from diffusers.models.attention import FeedForward
 
     act = ff.net[0] if type(ff) is FeedForward else None
     return (
-        x.device.type in ("cuda", "meta")
+        (x.device.type == "cuda" if ops.gelu_epilogue is None else ops.gelu_epilogue)
         and type(act) is GELU
         and act.approximate == "tanh"
         and is_plain_linear(act.proj)
@@ -241,7 +181,8 @@ def plain_inference(x: Tensor) -> bool:
     """Eager inference: the direct GEMM paths' condition. Under autograd (out= GEMMs record none), the
     compiler (it plans its own buffers and fusions) or autocast (which casts module calls only) the modules
     are called instead."""
-    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    device = x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or autocast)
 
 
@@ -336,14 +277,28 @@ def fused_joint_attention(
         q, k, v = (split_heads(t, num_heads) for t in (first.query, first.key, first.value))
     else:
         q, k, v = joint_buffers(streams, num_heads, ops, rope)
-    return joint_attention(q, k, v, mask=mask, backend=ops.attention).flatten(-2)
+    return attend(q, k, v, ops, mask).flatten(-2)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, ops: OpBackends, mask: Optional[Tensor] = None) -> Tensor:
+    """Softmax attention (scale 1/sqrt(Dh)) over [B, S, H, Dh]: ``joint_attention``, or with the attention op
+    off diffusers' eager ``F.scaled_dot_product_attention`` on [B, H, S, Dh] views, a key-padding ``mask``
+    ([B, Skv] / [B, 1, Skv], bool or additive) broadcast as [B, 1, 1, Skv] as diffusers' processors do."""
+    if ops.on("attention"):
+        return joint_attention(q, k, v, mask=mask, backend=ops.attention)
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
+        mask = mask if mask.dtype in (torch.bool, q.dtype) else mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(to_heads_first(q), to_heads_first(k), to_heads_first(v), attn_mask=mask)
+    return to_seq_first(out)
 
 
 def joint_buffers(
     streams: Sequence[Stream], num_heads: int, ops: OpBackends, rope: Optional[tuple[Tensor, Tensor]] = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The joint q, k, v [B, S_total, H, Dh] of ``streams`` (in order): one ``qk_norm_rope`` launch per
-    stream normalises and rotates its q and k and writes q, k, v at the stream's offset."""
+    stream normalises and rotates its q and k and writes q, k, v at the stream's offset (rope op off:
+    diffusers' norm modules and ``apply_rotary_emb`` on the stream's table rows, copied in)."""
     batch, head_dim = streams[0].query.shape[0], streams[0].query.shape[-1] // num_heads
     total = sum(s.query.shape[1] for s in streams)
     like = streams[0].query
@@ -352,10 +307,30 @@ def joint_buffers(
     offset = 0
     for s in streams:
         heads = [split_heads(t, num_heads) for t in (s.query, s.key, s.value)]
-        qk_norm_rope(heads[0], heads[1], v=heads[2], **qk_norm_kwargs(s.norm_q, s.norm_k), cos=cos, sin=sin,
-                     out_q=q, out_k=k, out_v=v, seq_offset=offset, backend=ops.fused)  # fmt: skip
+        rows = slice(offset, offset + s.query.shape[1])
+        if ops.on("rope"):
+            qk_norm_rope(heads[0], heads[1], v=heads[2], **qk_norm_kwargs(s.norm_q, s.norm_k), cos=cos, sin=sin,
+                         out_q=q, out_k=k, out_v=v, seq_offset=offset, backend=ops.rope)  # fmt: skip
+        else:
+            table = None if rope is None else tuple(t if t.shape[0] == 1 else t[rows] for t in rope)
+            q[:, rows], k[:, rows] = eager_qk_norm_rope(heads[0], heads[1], s.norm_q, s.norm_k, table)
+            v[:, rows] = heads[2]
         offset += s.query.shape[1]
     return q, k, v
+
+
+def eager_qk_norm_rope(q: Tensor, k: Tensor, norm_q: Optional[nn.Module], norm_k: Optional[nn.Module],
+                       rope: Optional[tuple[Tensor, Tensor]], rope_k: bool = True) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """What diffusers' processors do, on [B, S, H, Dh]: the per-head norm modules, then ``apply_rotary_emb``
+    (interleaved pairs) with ``rope`` (cos, sin) [S, Dh] (one row: broadcast) on q, and on k if ``rope_k``."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    q = q if norm_q is None else norm_q(q)
+    k = k if norm_k is None else norm_k(k)
+    if rope is not None:
+        q = apply_rotary_emb(q, rope, sequence_dim=1)
+        k = apply_rotary_emb(k, rope, sequence_dim=1) if rope_k else k
+    return q, k
 
 
 class FusedAttnProcessor:
@@ -366,14 +341,21 @@ class FusedAttnProcessor:
     image_rotary_emb (cos, sin) [Sq, Dh] | None)``: q = to_q(h), k/v = to_k/to_v(context, or h);
     ``norm_q``/``norm_k`` over Dh; RoPE (interleaved pairs) on q, and on k only for self-attention, as
     HunyuanDiT's processor does; ``joint_attention`` with diffusers' scale 1/sqrt(Dh); ``to_out``.
-    Nothing to normalise or rotate: attention runs on views of the projections (no copy).
+    Nothing to normalise or rotate: attention runs on views of the projections (no copy). The rope and
+    attention ops each run diffusers' own computation when ``ops`` switches them off.
 
     ``attention_mask``: the key-padding masks these models pass ([B, Skv] / [B, 1, Skv], bool or additive,
     as PixArt builds from ``encoder_attention_mask``). Any other mask (per-query rows) goes to the
     original processor, logged once: correct, not fused. ``validate_legacy_attention`` checks the module
-    options this processor leaves out (spatial/group norm, residual connection, output rescale) are off."""
+    options this processor leaves out (spatial/group norm, residual connection, output rescale) are off.
+    Built with no arguments (diffusers' ``type(processor)()``): diffusers' ``HunyuanAttnProcessor2_0`` (which
+    covers ``AttnProcessor2_0``) as the original, each op's default backend."""
 
-    def __init__(self, original: object, ops: OpBackends):
+    def __init__(self, original: Optional[object] = None, ops: OpBackends = OpBackends()):
+        if original is None:
+            from diffusers.models.attention_processor import HunyuanAttnProcessor2_0
+
+            original = HunyuanAttnProcessor2_0()
         self.original = original
         self.ops = ops
 
@@ -394,12 +376,14 @@ class FusedAttnProcessor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q, k, v = (split_heads(proj(x), attn.heads) for proj, x in
                    ((attn.to_q, hidden_states), (attn.to_k, context), (attn.to_v, context)))  # fmt: skip
-        norm = qk_norm_kwargs(attn.norm_q, attn.norm_k)
-        if norm["norm"] is not None or image_rotary_emb is not None:
+        rope_k = not attn.is_cross_attention
+        if not self.ops.on("rope"):
+            q, k = eager_qk_norm_rope(q, k, attn.norm_q, attn.norm_k, image_rotary_emb, rope_k)
+        elif attn.norm_q is not None or attn.norm_k is not None or image_rotary_emb is not None:
             cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
-            q, k = qk_norm_rope(q, k, **norm, cos=cos, sin=sin, rope_k=not attn.is_cross_attention,
-                                backend=self.ops.fused)  # fmt: skip
-        out = joint_attention(q, k, v, mask=attention_mask, backend=self.ops.attention).flatten(-2)
+            q, k = qk_norm_rope(q, k, **qk_norm_kwargs(attn.norm_q, attn.norm_k), cos=cos, sin=sin, rope_k=rope_k,
+                                backend=self.ops.rope)  # fmt: skip
+        out = attend(q, k, v, self.ops, attention_mask).flatten(-2)
         return attn.to_out[1](attn.to_out[0](out))
 
 
