@@ -53,8 +53,10 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from dit_kernels.aot_spec import AotSpec
 
 __all__ = [
     "SHARED_LIMITS",
@@ -85,32 +87,6 @@ DEFAULT_ARCHS = (80, 90)
 
 class AotError(RuntimeError):
     """The ahead-of-time check could not be run as asked (not: a kernel does not fit)."""
-
-
-@dataclass(frozen=True)
-class AotSpec:
-    """One Triton kernel configuration to compile ahead of time.
-
-    ``signature`` names every parameter of ``kernel`` in order, with a Triton type string ("*bf16",
-    "*fp32", "i32", "i64", "fp32", ...) or "constexpr"; ``constexprs`` gives the value of every
-    "constexpr" parameter that has no default in the kernel. ``divisible_by_16`` names the parameters
-    Triton may assume are multiples of 16 (pointers: 16-byte aligned), as its launcher specializes them
-    for aligned tensors and sizes; None means every pointer parameter (torch allocations are aligned).
-    """
-
-    name: str
-    kernel: object
-    signature: dict
-    constexprs: dict
-    num_warps: int = 4
-    num_stages: int = 3
-    divisible_by_16: tuple | None = None
-
-    @classmethod
-    def build(cls, name, kernel, runtime_signature, constexprs, **launch):
-        """Spec whose signature is ``runtime_signature`` followed by every key of ``constexprs``."""
-        signature = runtime_signature | {key: "constexpr" for key in constexprs}
-        return cls(name=name, kernel=kernel, signature=signature, constexprs=constexprs, **launch)
 
 
 @dataclass(frozen=True)

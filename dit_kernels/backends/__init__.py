@@ -151,11 +151,18 @@ def report() -> dict[str, Availability]:
     return {a.name: a for a in (check() for check in checks)}
 
 
+class Resolved(str):
+    """A backend name that ``resolve`` checked for one device (a patch does it once). The ops dispatch a
+    ``Resolved`` name straight through their launcher table; any other name is resolved per call."""
+
+    __slots__ = ()
+
+
 @torch.compiler.assume_constant_result  # torch.compile runs it at trace time and bakes the answer in
-def resolve(backend: str | None, device: torch.device) -> str:
+def resolve(backend: str | None, device: torch.device) -> Resolved:
     """The concrete backend to run for tensors on ``device``; RuntimeError if the asked one cannot run."""
     if backend is None or backend == "auto":
-        return _best(device)
+        return Resolved(_best(device))
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or None")
     if backend == "triton":
@@ -171,7 +178,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
         if device.type != "cpu":
             raise RuntimeError(f"backend='cuda_emu' runs on CPU tensors only, got {device}")
         _require(emulation())
-    return backend
+    return Resolved(backend)
 
 
 def _require(availability: Availability) -> None:

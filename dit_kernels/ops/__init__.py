@@ -1,4 +1,5 @@
-"""Fused ops, one family per file: reference (the spec), Triton kernel, CUDA launcher, dispatch."""
+"""Fused ops, one family per file, each with the same parts (``dit_kernels.ops.dispatch``): reference (the
+spec), Triton kernel(s), launcher table, custom ops, AOT specs."""
 
 from dit_kernels.ops.attention import attention_backend, joint_attention, to_heads_first, to_seq_first
 from dit_kernels.ops.norm_modulate import gated_residual, gated_residual_layernorm_modulate, layernorm_modulate

@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dit_kernels import backends
-from dit_kernels.ops.launch_trace import fused_op
+from dit_kernels.aot_spec import AotSpec
+from dit_kernels.ops.dispatch import launch_directly, register_custom_op
 
 try:
     import triton
@@ -328,7 +329,7 @@ def _flash_attn_impl(device: torch.device) -> tuple[Optional[str], str]:
     return None, why
 
 
-def _launch_flash_attn(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def _launch_flash_attn(q: Tensor, k: Tensor, v: Tensor, mask: None, scale: float) -> Tensor:
     module, why = _flash_attn_impl(q.device)
     if module is None:
         raise RuntimeError(f"backend='flash_attn' is not available: {why}")
@@ -339,7 +340,7 @@ def _launch_flash_attn(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return out[0] if isinstance(out, tuple) else out  # some FA3 releases return (out, lse)
 
 
-def _launch_xformers(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def _launch_xformers(q: Tensor, k: Tensor, v: Tensor, mask: None, scale: float) -> Tensor:
     import xformers.ops
 
     return xformers.ops.memory_efficient_attention(q, k, v, scale=scale)
@@ -453,30 +454,38 @@ def attention_backend(
     return _choose(q.device, q.dtype, q.shape[-1], mask is not None, backend)
 
 
-# ----------------------------------------------------------------------------------- custom op, run
+# ------------------------------------------------------------------------------------ launcher table
 
-
+_LAUNCHERS = {"torch": _reference, "flash_attn": _launch_flash_attn, "xformers": _launch_xformers}
 if triton is not None:
-
-    @torch.library.triton_op("dit_kernels::joint_attention_triton", mutates_args=())
-    def _joint_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
-        return _launch_triton(q, k, v, mask, scale)
-
-    _CUSTOM_OPS = {"triton": _joint_attention_triton}
-else:
-    _CUSTOM_OPS = {}
+    _LAUNCHERS["triton"] = _launch_triton
 
 
-def _run(name: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
-    if name == "torch":
-        return _reference(q, k, v, mask, scale)
-    if name == "flash_attn":
-        return _launch_flash_attn(q, k, v, scale)
-    if name == "xformers":
-        return _launch_xformers(q, k, v, scale)
-    if not torch.compiler.is_compiling():  # eager: straight to the launcher, no dispatcher
-        return _launch_triton(q, k, v, mask, scale)
-    return _CUSTOM_OPS["triton"](q, k, v, mask, scale)
+# ---------------------------------------------------------------------------------------- custom ops
+
+
+def _register_ops(backend: str, launch):
+    """The launcher of ``backend`` as the custom op ``dit_kernels::joint_attention_<backend>``."""
+
+    def joint_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+        return launch(q, k, v, mask, scale)
+
+    def fake(q, k, v, mask, scale):
+        if backend == "torch":  # a [B, Sq, H, Dh] view of SDPA's [B, H, Sq, Dh] output
+            return to_seq_first(q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+        return q.new_empty(q.shape)
+
+    return register_custom_op("joint_attention", backend, joint_attention_op, fake=fake)
+
+
+_CUSTOM_OPS = {backend: _register_ops(backend, launch) for backend, launch in _LAUNCHERS.items()}
+
+
+def _run(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+    """The launcher of the chosen ``backend``, or its custom op (``dit_kernels.ops.dispatch``)."""
+    if launch_directly(backend):
+        return _LAUNCHERS[backend](q, k, v, mask, scale)
+    return _CUSTOM_OPS[backend](q, k, v, mask, scale)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -538,7 +547,6 @@ def _normalize_mask(mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Te
 # ---------------------------------------------------------------------------------------------- public
 
 
-@fused_op("joint_attention")
 def joint_attention(
     q: Tensor,
     k: Tensor,
@@ -581,8 +589,6 @@ def aot_spec(dtype: str, head_dim: int, aligned: bool, mask_kind: int = 2):
     row alignment and mask kind (0 none, 1 bool, 2 additive bias in ``dtype``). Aligned: ALIGN 8 and
     16-byte aligned pointers (what a torch allocation gets); unaligned: the worst case, ALIGN 1 and no
     pointer or integer known to be a multiple of 16."""
-    from dit_kernels.aot import AotSpec
-
     config = triton_config(head_dim, aligned)
     signature = {name: (f"*{dtype}" if name.endswith("_ptr") else "i32") for name in _AOT_PARAMS}
     signature["qk_scale"] = "fp32"

@@ -15,8 +15,8 @@ Math (all in fp32, one rounding to the input dtype at each output)::
 
 Backends: the reference below (pure torch: the spec and the CPU path), one Triton kernel that serves
 all three ops, and the CUDA C++ kernel in ``csrc/include/dit_kernels/norm_modulate.cuh`` (``_C`` on GPU,
-``_C_cpu`` through CPU emulation). Triton and CUDA ops are torch custom ops, so they trace under
-``torch.compile``; eager calls skip the dispatcher.
+``_C_cpu`` through CPU emulation). Every launcher is also the custom op ``dit_kernels::norm_modulate_<backend>``
+(see ``dit_kernels.ops.dispatch``): one opaque node under torch.compile, one op to a dispatch mode.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dit_kernels import backends
-from dit_kernels.ops.launch_trace import fused_op
+from dit_kernels.aot_spec import AotSpec
+from dit_kernels.ops.dispatch import concrete_backend, launch_directly, register_custom_op
 
 try:
     import triton
@@ -259,14 +260,20 @@ def _launch_cuda_emu(*args):
     return _launch_native(backends.emulation_module(), 0, *args)
 
 
-# -------------------------------------------------------------------- custom ops (torch.compile)
+# ------------------------------------------------------------------------------------ launcher table
+
+_LAUNCHERS = {"torch": _reference, "cuda": _launch_cuda, "cuda_emu": _launch_cuda_emu}
+if triton is not None:
+    _LAUNCHERS["triton"] = _launch_triton
 
 
-def _register_op(suffix: str, launch, register):
-    """The family's kernel as one torch custom op on one backend's launcher: all operands in, ``(out, h)``
-    out, an absent output as an empty tensor (custom ops cannot return None)."""
+# ---------------------------------------------------------------------------------------- custom ops
 
-    @register(f"dit_kernels::norm_modulate_{suffix}", mutates_args=())
+
+def _register_ops(backend: str, launch):
+    """The family's kernel on one backend as the custom op ``dit_kernels::norm_modulate_<backend>``: all
+    operands in, ``(out, h)`` out, an absent output as an empty tensor (custom ops cannot return None)."""
+
     def norm_modulate_op(
         x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], shift: Optional[Tensor], scale: Optional[Tensor],
         weight: Optional[Tensor], bias: Optional[Tensor], eps: float, normalize: bool,
@@ -274,35 +281,27 @@ def _register_op(suffix: str, launch, register):
         out, h = launch(x, y, gate, shift, scale, weight, bias, eps, normalize)
         return _empty_if_none(out, x), _empty_if_none(h, x)
 
-    if register is torch.library.custom_op:  # triton_op derives its fake from the launcher itself
+    def fake(x, y, gate, shift, scale, weight, bias, eps, normalize):
+        out, h = _allocate(x, y is not None, normalize)
+        return _empty_if_none(out, x), _empty_if_none(h, x)
 
-        @norm_modulate_op.register_fake
-        def _(x, y, gate, shift, scale, weight, bias, eps, normalize):
-            out, h = _allocate(x, y is not None, normalize)
-            return _empty_if_none(out, x), _empty_if_none(h, x)
-
-    return norm_modulate_op
+    return register_custom_op("norm_modulate", backend, norm_modulate_op, fake=fake)
 
 
 def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-_LAUNCHERS = {"cuda": _launch_cuda, "cuda_emu": _launch_cuda_emu}
-_CUSTOM_OPS = {name: _register_op(name, launch, torch.library.custom_op) for name, launch in _LAUNCHERS.items()}
-if triton is not None:
-    _LAUNCHERS["triton"] = _launch_triton
-    _CUSTOM_OPS["triton"] = _register_op("triton", _launch_triton, torch.library.triton_op)
+_CUSTOM_OPS = {backend: _register_ops(backend, launch) for backend, launch in _LAUNCHERS.items()}
 
 
 def _run(backend: Optional[str], x, y, gate, shift, scale, weight, bias, eps: float, normalize: bool):
-    """``(out, h)`` on the resolved backend. Eager calls go straight to the launcher; under
-    torch.compile the custom op is called, so the compiler sees an opaque kernel with a fake."""
-    backend = backends.resolve(backend, x.device)
+    """``(out, h)`` on ``backend`` (resolved here unless it already is): the launcher, or its custom op."""
+    backend = concrete_backend(backend, x.device)
     args = (x, y, gate, shift, scale, weight, bias, float(eps), normalize)
-    if x.numel() == 0 or backend == "torch":
+    if x.numel() == 0:
         return _reference(*args)
-    if not torch.compiler.is_compiling():
+    if launch_directly(backend):
         return _LAUNCHERS[backend](*args)
     out, h = _CUSTOM_OPS[backend](*args)
     return (out if normalize else None), (h if y is not None else None)
@@ -358,7 +357,6 @@ def _flatten_plain(x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------- public
 
 
-@fused_op("layernorm_modulate")
 def layernorm_modulate(
     x: Tensor,
     shift: Optional[Tensor] = None,
@@ -382,7 +380,6 @@ def layernorm_modulate(
     return out.view(x.shape)
 
 
-@fused_op("gated_residual")
 def gated_residual(residual: Tensor, y: Tensor, gate: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """``residual + gate * y`` (``residual + y`` when gate is None), fp32 math, one rounding.
 
@@ -392,7 +389,6 @@ def gated_residual(residual: Tensor, y: Tensor, gate: Optional[Tensor] = None, *
     return _run(backend, residual, y, gate, None, None, None, None, 0.0, False)[1]
 
 
-@fused_op("gated_residual_layernorm_modulate")
 def gated_residual_layernorm_modulate(
     residual: Tensor,
     y: Tensor,
@@ -431,8 +427,6 @@ def _check_pair(residual: Tensor, y: Tensor) -> None:
 def aot_specs():
     """Every config ``triton_config`` can pick, with every feature on (the most registers), for fp32 and
     bf16 inputs: compiled for sm_80 / sm_90 by ``dit_kernels.aot`` to prove no spills."""
-    from dit_kernels.aot import AotSpec
-
     specs = []
     for dtype in ("fp32", "bf16"):
         pointer = f"*{dtype}"

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dit_kernels import backends
-from dit_kernels.ops.launch_trace import fused_op
+from dit_kernels.aot_spec import AotSpec
+from dit_kernels.ops.dispatch import concrete_backend, launch_directly, register_custom_op
 
 try:
     import triton
@@ -82,7 +83,7 @@ def _reference_slot(slot: Slot, norm: Optional[str], eps: float, cos, sin, rope:
     slot.dest.copy_(x)
 
 
-def _run_reference(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+def _reference(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
     for slot in slots:
         _reference_slot(slot, norm, eps, cos, sin, rope, seq_offset)
 
@@ -199,7 +200,7 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _run_triton(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+def _launch_triton(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
     from torch.library import wrap_triton
 
     q, k, *rest = slots
@@ -233,7 +234,7 @@ def _triton_slot(slot: Slot):
 MAX_CUDA_HEAD_DIM = 512  # kQkNormRopeMaxHeadDim (csrc/include/dit_kernels/params.h); the binding checks it too
 
 
-def _run_native(module, stream: int, slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+def _launch_native(module, stream: int, slots, norm, eps, cos, sin, rope, seq_offset) -> None:
     """One launch of qk_norm_rope_kernel (csrc/include/dit_kernels/qk_norm_rope.cuh) for all slots."""
     q, k, *rest = slots
     batch, _, heads, dim = q.source.shape
@@ -262,32 +263,31 @@ def _native_slot(slot: Slot) -> tuple:
     )  # fmt: skip
 
 
-def _run_cuda(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+def _launch_cuda(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
     stream = torch.cuda.current_stream(slots[0].source.device).cuda_stream
-    _run_native(backends.native_module(), stream, slots, norm, eps, cos, sin, rope, seq_offset)
+    _launch_native(backends.native_module(), stream, slots, norm, eps, cos, sin, rope, seq_offset)
 
 
-def _run_cuda_emu(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
-    _run_native(backends.emulation_module(), 0, slots, norm, eps, cos, sin, rope, seq_offset)
+def _launch_cuda_emu(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+    _launch_native(backends.emulation_module(), 0, slots, norm, eps, cos, sin, rope, seq_offset)
 
 
-_RUNNERS = {"torch": _run_reference}
+# ------------------------------------------------------------------------------------ launcher table
+
+_LAUNCHERS = {"torch": _reference, "cuda": _launch_cuda, "cuda_emu": _launch_cuda_emu}
 if triton is not None:
-    _RUNNERS["triton"] = _run_triton
-_RUNNERS.update(cuda=_run_cuda, cuda_emu=_run_cuda_emu)
+    _LAUNCHERS["triton"] = _launch_triton
 
 
-# -------------------------------------------------------------------- custom ops (torch.compile)
-
-
-def _execute(run, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, out_q, out_k, out_v,
+def _execute(launch, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, out_q, out_k, out_v,
              norm, rope, rope_q, rope_k, seq_offset, eps) -> list[Tensor]:  # fmt: skip
-    """Run one launch; returns the written tensors (fresh ones, or the joint-buffer views)."""
+    """One launch; returns the written tensors: fresh ones, or ``out_q/out_k/out_v`` (the rows of the
+    joint buffers that q, k, v fill) when given."""
     sources = [t for t in (q, k, v) if t is not None]
     if out_q is None:
         dests = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in sources]
     else:
-        dests = [_joint_rows(o, t, seq_offset) for o, t in zip((out_q, out_k, out_v), sources)]
+        dests = [out_q, out_k, *([out_v] if v is not None else [])]
     rotate = cos is not None
     normalize = norm is not None
     slots = [
@@ -295,7 +295,7 @@ def _execute(run, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, out_q, 
         Slot(k, dests[1], k_weight, k_bias, normalize, rotate and rope_k),
         *([Slot(v, dests[2], None, None, False, False)] if v is not None else []),
     ]
-    run(slots, norm, eps, cos, sin, rope, seq_offset)
+    launch(slots, norm, eps, cos, sin, rope, seq_offset)
     return dests
 
 
@@ -304,47 +304,43 @@ def _joint_rows(buffer: Tensor, t: Tensor, seq_offset: int) -> Tensor:
     return buffer[:, seq_offset : seq_offset + t.shape[1]]
 
 
-def _register_ops(suffix: str, run, register):
-    """Two custom ops per backend: a functional one (fresh outputs; an absent v gives an empty tensor)
-    and one that writes into joint buffers (a custom op may not return views of its inputs)."""
+# ---------------------------------------------------------------------------------------- custom ops
 
-    @register(f"dit_kernels::qk_norm_rope_{suffix}", mutates_args=())
+
+def _register_ops(backend: str, launch):
+    """Two custom ops per backend: ``dit_kernels::qk_norm_rope_<backend>`` (fresh outputs; an absent v gives
+    an empty tensor) and ``..._into_<backend>``, which writes the given rows of the joint buffers (a custom op
+    may not return views of its inputs; it mutates them, so a dispatch mode sees exactly the bytes written)."""
+
     def functional(
         q: Tensor, k: Tensor, v: Optional[Tensor], q_weight: Optional[Tensor], k_weight: Optional[Tensor],
         q_bias: Optional[Tensor], k_bias: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
         norm: Optional[str], rope: str, rope_q: bool, rope_k: bool, seq_offset: int, eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        outs = _execute(run, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, None, None, None,
+        outs = _execute(launch, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, None, None, None,
                         norm, rope, rope_q, rope_k, seq_offset, eps)  # fmt: skip
         return outs[0], outs[1], outs[2] if v is not None else q.new_empty(0)
 
-    @register(f"dit_kernels::qk_norm_rope_into_{suffix}", mutates_args=("out_q", "out_k", "out_v"))
     def into(
         q: Tensor, k: Tensor, v: Optional[Tensor], q_weight: Optional[Tensor], k_weight: Optional[Tensor],
         q_bias: Optional[Tensor], k_bias: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
         out_q: Tensor, out_k: Tensor, out_v: Optional[Tensor], norm: Optional[str], rope: str, rope_q: bool,
         rope_k: bool, seq_offset: int, eps: float,
     ) -> None:  # fmt: skip
-        _execute(run, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, out_q, out_k, out_v,
+        _execute(launch, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, out_q, out_k, out_v,
                  norm, rope, rope_q, rope_k, seq_offset, eps)  # fmt: skip
 
-    if register is torch.library.custom_op:  # triton_op derives its fakes from the launcher itself
+    def functional_fake(q, k, v, *_):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v) if v is not None else q.new_empty(0)
 
-        @functional.register_fake
-        def _(q, k, v, *_):
-            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v) if v is not None else q.new_empty(0)
+    return (
+        register_custom_op("qk_norm_rope", backend, functional, fake=functional_fake),
+        register_custom_op("qk_norm_rope_into", backend, into, mutates_args=("out_q", "out_k", "out_v"),
+                           fake=lambda *_: None),
+    )  # fmt: skip
 
-        into.register_fake(lambda *_: None)
-    return functional, into
 
-
-_CUSTOM_OPS = {}
-_CUSTOM_OPS.update(
-    {name: _register_ops(name, run, torch.library.custom_op)
-     for name, run in (("cuda", _run_cuda), ("cuda_emu", _run_cuda_emu))}
-)  # fmt: skip
-if triton is not None:
-    _CUSTOM_OPS["triton"] = _register_ops("triton", _run_triton, torch.library.triton_op)
+_CUSTOM_OPS = {backend: _register_ops(backend, launch) for backend, launch in _LAUNCHERS.items()}
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -424,7 +420,6 @@ def _unit_last_stride(t: Optional[Tensor]) -> Optional[Tensor]:
 # ----------------------------------------------------------------------------------------- public
 
 
-@fused_op("qk_norm_rope")
 def qk_norm_rope(
     q: Tensor,
     k: Tensor,
@@ -456,17 +451,20 @@ def qk_norm_rope(
     _validate(q, k, v, weights, cos, sin, outputs, norm, rope, seq_offset, rope_q, rope_k)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     cos, sin = (None, None) if cos is None else rope_tables(cos, sin)
-    backend = backends.resolve(backend, q.device)
+    backend = concrete_backend(backend, q.device)
     args = (q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin)
     flags = (norm, rope, rope_q, rope_k, seq_offset, float(eps))
-    if backend == "torch" or not torch.compiler.is_compiling():
-        return tuple(_execute(_RUNNERS[backend], *args, out_q, out_k, out_v, *flags))
+    dests = (None,) * 3 if out_q is None else tuple(
+        None if t is None else _joint_rows(o, t, seq_offset) for o, t in ((out_q, q), (out_k, k), (out_v, v))
+    )
+    if launch_directly(backend):
+        return tuple(_execute(_LAUNCHERS[backend], *args, *dests, *flags))
     functional, into = _CUSTOM_OPS[backend]
     if out_q is None:
         outs = functional(*args, *flags)
         return outs if v is not None else outs[:2]
-    into(*args, out_q, out_k, out_v, *flags)
-    return tuple(_joint_rows(o, t, seq_offset) for o, t in ((out_q, q), (out_k, k), (out_v, v)) if t is not None)
+    into(*args, *dests, *flags)
+    return tuple(d for d in dests if d is not None)
 
 
 # ------------------------------------------------------------------------------------ AOT fit specs
@@ -475,8 +473,6 @@ def qk_norm_rope(
 def aot_specs():
     """Every config ``triton_config`` can pick, with every feature on (LayerNorm + weight + bias + RoPE
     on q and k, V copied), both RoPE layouts, fp32 and bf16: compiled for sm_80 / sm_90a."""
-    from dit_kernels.aot import AotSpec
-
     specs = []
     for dtype, half, config in itertools.product(("fp32", "bf16"), (False, True), triton_configs()):
         pointer = f"*{dtype}"
