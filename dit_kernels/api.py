@@ -246,14 +246,14 @@ def _own_floats(module: nn.Module) -> list[torch.Tensor]:
     return [t for t in tensors if t.is_floating_point()]
 
 
-def _kept_in_fp32(transformer: nn.Module) -> set[str]:
-    """Qualified names of modules holding fp32 tensors that diffusers' loading keeps in fp32: a name with a
-    component in the class's ``_keep_in_fp32_modules`` (diffusers' own rule, ``load_model_dict_into_meta``)."""
+def _kept_in_fp32(transformer: nn.Module) -> dict[str, None]:
+    """Qualified names (in module order) of modules holding fp32 tensors that diffusers' loading keeps in fp32:
+    a name with a component in the class's ``_keep_in_fp32_modules`` (diffusers' rule, ``load_model_dict_into_meta``)."""
     keep = getattr(type(transformer), "_keep_in_fp32_modules", None) or ()
-    return {
+    return dict.fromkeys(
         module_name for module_name, t in _named_floats(transformer)
         if t.dtype == torch.float32 and any(k in module_name.split(".") for k in keep)
-    }  # fmt: skip
+    )  # fmt: skip
 
 
 def _switches(kernels) -> dict[str, bool]:

@@ -15,23 +15,22 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 
 import dit_kernels
+from dit_kernels.models import family_named
 from dit_kernels.models.shared import FusedAttnProcessor
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VARIANTS = {
-    "xl": {},  # DiT-XL/2's layout: norm3 without affine, eps 1e-5
-    "affine": {"norm_elementwise_affine": True, "norm_eps": 1e-6, "out_channels": 8},  # learned-sigma output
+    "xl": {},  # DiT-XL/2's layout: norm3 without affine, eps 1e-5; learned-sigma output
+    "affine": {"norm_elementwise_affine": True, "norm_eps": 1e-6},
 }
 
 
 def tiny_dit(**overrides) -> DiTTransformer2DModel:
-    """DESIGN.md §4's tiny DiT, seeded."""
+    """The registry's tiny DiT, seeded."""
     torch.manual_seed(0)
-    config = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, sample_size=8,
-                  patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_elementwise_affine=False)
-    return DiTTransformer2DModel(**{**config, **overrides}).eval()
+    return family_named("dit").build("tiny", **overrides)
 
 
 def dit_inputs(dtype: torch.dtype, batch: int = 2) -> dict:

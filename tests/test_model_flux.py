@@ -23,12 +23,9 @@ NUM_BLOCKS = 4  # 2 double + 2 single in the tiny config
 
 
 def tiny_flux(guidance_embeds: bool = True, **overrides) -> FluxTransformer2DModel:
-    """DESIGN.md §4's tiny FLUX (dev with guidance_embeds, schnell without), seeded."""
+    """The registry's tiny FLUX (dev with guidance_embeds, schnell without), seeded."""
     torch.manual_seed(0)
-    config = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
-                  guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))  # fmt: skip
-    return FluxTransformer2DModel(**{**config, **overrides}).eval()
+    return flux.FAMILY.build("tiny", guidance_embeds=guidance_embeds, **overrides)
 
 
 def image_ids(rows: int, cols: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.normalization import FP32LayerNorm
 
 import dit_kernels
+from dit_kernels.models import family_named
 from dit_kernels.models.shared import FusedAttnProcessor
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
@@ -22,19 +23,17 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TEXT_LEN = 7
 LATENT = (8, 12)  # latent rows x cols: a non-square image, 4 x 6 patches
 CAPTION_CHANNELS = 32
-TINY = {  # DESIGN.md §4's tiny PixArt (Σ); α: sample_size 128 turns use_additional_conditions on, and its
+VARIANTS = {  # the registry's tiny PixArt is Σ; α: sample_size 128 turns use_additional_conditions on, and its
     # size embedding needs a width divisible by 3 (resolution: 2 x D/3, aspect ratio: D/3)
-    "sigma": dict(num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, sample_size=8,
-                  use_additional_conditions=False),
-    "alpha": dict(num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24, sample_size=128),
+    "sigma": {},
+    "alpha": dict(attention_head_dim=12, cross_attention_dim=24, sample_size=128, use_additional_conditions=None),
 }  # fmt: skip
 
 
 def tiny_pixart(variant: str = "sigma", **overrides) -> PixArtTransformer2DModel:
     torch.manual_seed(0)
-    config = dict(in_channels=4, out_channels=8, num_layers=2, caption_channels=CAPTION_CHANNELS, patch_size=2,
-                  norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, **TINY[variant])
-    model = PixArtTransformer2DModel(**{**config, **overrides}).eval()
+    model = family_named("pixart").build("tiny", **{**VARIANTS[variant], **overrides})
+    assert model.config.caption_channels == CAPTION_CHANNELS
     assert model.use_additional_conditions == (variant == "alpha")
     return model
 
@@ -66,7 +65,7 @@ def pixart_inputs(dtype: torch.dtype, batch: int = 2, variant: str = "sigma") ->
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("variant", list(TINY))
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_patched_parity(variant, batch, dtype, backend):
     report = assert_patched_parity(
         lambda: tiny_pixart(variant),
