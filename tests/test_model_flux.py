@@ -13,7 +13,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 import dit_kernels
-from dit_kernels.models import flux
+from dit_kernels.models import flux, shared
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_patched_parity, assert_refused_unchanged, forward
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -227,9 +227,6 @@ class DispatchSpy:
         return self.real(query, key, value, attn_mask=attn_mask, backend=backend)
 
 
-PARALLEL = object()  # a stand-in ParallelConfig: the spy only checks it arrives
-
-
 def _set_backend_before_patch(model):
     model.set_attention_backend("_native_math")
     dit_kernels.patch(model, backend="torch")
@@ -240,23 +237,12 @@ def _set_backend_after_patch(model):
     model.set_attention_backend("_native_math")
 
 
-def _parallel_config(model):
-    dit_kernels.patch(model, backend="torch")
-    for m in model.modules():
-        if hasattr(m, "processor"):
-            m.processor._parallel_config = PARALLEL
-
-
-@pytest.mark.parametrize(
-    "setup, backend, parallel",
-    [
-        (_set_backend_before_patch, AttentionBackendName._NATIVE_MATH, None),
-        (_set_backend_after_patch, AttentionBackendName._NATIVE_MATH, None),
-        (_parallel_config, None, PARALLEL),
-    ],
-    ids=["backend-before-patch", "backend-after-patch", "parallel-config"],
-)
-def test_attention_goes_through_dispatch_when_asked(monkeypatch, setup, backend, parallel):
+# A parallel config (context parallelism) runs our attention as the local op of the parallel attention, not
+# diffusers' dispatch: tests/test_parallel.py.
+@pytest.mark.parametrize("setup", [_set_backend_before_patch, _set_backend_after_patch],
+                         ids=["backend-before-patch", "backend-after-patch"])  # fmt: skip
+def test_attention_goes_through_dispatch_when_asked(monkeypatch, setup):
+    backend, parallel = AttentionBackendName._NATIVE_MATH, None
     # model.set_attention_backend also sets diffusers' global active backend: restored after the test
     monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     model = tiny_flux()
@@ -284,9 +270,9 @@ def test_own_attention_unless_diffusers_is_asked(monkeypatch):
     truth = forward(model, inputs)
     spy = DispatchSpy(flux.dispatch_attention_fn)
     own = []
-    real_joint = flux.joint_attention
+    real_joint = shared.joint_attention
     monkeypatch.setattr(flux, "dispatch_attention_fn", spy)
-    monkeypatch.setattr(flux, "joint_attention", lambda *a, **kw: own.append(kw["backend"]) or real_joint(*a, **kw))
+    monkeypatch.setattr(shared, "joint_attention", lambda *a, **kw: own.append(kw["backend"]) or real_joint(*a, **kw))
     dit_kernels.patch(model, backend="torch")
     torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
     assert own == ["torch"] * NUM_BLOCKS and spy.calls == []

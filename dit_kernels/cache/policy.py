@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -67,18 +67,23 @@ class Decision:
     accumulated: float
 
 
-def relative_l1(x: Tensor, reference: Tensor) -> float:
+def relative_l1(x: Tensor, reference: Tensor, reduce: Optional[Callable[[Tensor], Tensor]] = None) -> float:
     """``mean|x - reference| / mean|reference|`` in fp32 (inf when the reference is all zeros); both means
-    come to the host in one small read."""
+    come to the host in one small read. ``reduce``: given, the two means [2] go through it first; under
+    context parallelism it sums them over the ranks holding the other (equal) shards of the sequence, which
+    makes the ratio the whole sequence's and the same on every rank."""
     x, reference = x.float(), reference.float()
-    difference, scale = torch.stack([(x - reference).abs().mean(), reference.abs().mean()]).tolist()
+    means = torch.stack([(x - reference).abs().mean(), reference.abs().mean()])
+    difference, scale = (means if reduce is None else reduce(means)).tolist()
     return float("inf") if scale == 0 else difference / scale
 
 
-def decide(config: CacheConfig, group: Group, head: Tensor, step: int, num_steps: Optional[int]) -> Decision:
+def decide(config: CacheConfig, group: Group, head: Tensor, step: int, num_steps: Optional[int],
+           reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Decision:  # fmt: skip
     """Compute or skip the remaining blocks for ``group`` at ``step``, given its head residual ``head``
-    (rows of this group only); updates the group's reference, accumulator and skip count."""
-    change = None if group.reference is None else relative_l1(head, group.reference)
+    (rows of this group only); updates the group's reference, accumulator and skip count. ``reduce``: see
+    ``relative_l1``."""
+    change = None if group.reference is None else relative_l1(head, group.reference, reduce)
     accumulated = group.accumulated + (change or 0.0)
     group.reference = head
     if step < config.warmup_steps:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from dit_kernels.cache.config import CacheConfig
 from dit_kernels.cache.policy import CallStats, Decision, Group, Streams, decide, summary, warn_if_never_hit
+from dit_kernels.parallel.shards import sum_over_shards
 from dit_kernels.patching import BlockLayout, Patcher
 
 KEEP_CALLS = 64  # calls kept in the stats
@@ -66,6 +67,7 @@ class StepCache:
         self.num_steps: Optional[int] = None
         self._pipe: Optional[weakref.ref] = None
         self.warned = False
+        self.transformer = weakref.ref(transformer)  # its parallel config, read at each decision
         self._clear()
 
     # ------------------------------------------------------------------------------------- state
@@ -252,7 +254,9 @@ class _Run:
         head = self.rest_in[0] - self.head_in
         self.batch = head.shape[0]
         self.groups = cache.groups(self.branch, self.batch)
-        decisions: list[Decision] = [decide(config, g, head[g.rows], self.step, cache.num_steps) for g in self.groups]
+        reduce = sum_over_shards(cache.transformer())  # context parallelism: every rank decides the same
+        decisions: list[Decision] = [decide(config, g, head[g.rows], self.step, cache.num_steps, reduce)
+                                     for g in self.groups]  # fmt: skip
         self.computing = [d.compute for d in decisions]
         call, rest = cache._call(), len(cache.blocks) - config.head_blocks
         for group, decision in zip(self.groups, decisions):

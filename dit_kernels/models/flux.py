@@ -51,17 +51,20 @@ from dit_kernels.models.family import Family, Shape
 from dit_kernels.models.shared import (
     JOINT_BLOCK_BATCH_ARGS,
     Stream,
+    attend,
     check_qk_norms,
     check_type,
     check_unwrapped,
     clip_fp16,
     feed_forward,
+    forwarded_attribute,
     gated_feed_forward,
     joint_buffers,
     modulate,
     modulation,
 )
-from dit_kernels.ops import gated_residual, joint_attention, rope_tables
+from dit_kernels.ops import gated_residual, rope_tables
+from dit_kernels.parallel.plan import gather, split
 from dit_kernels.patching import BlockLayout, OpBackends, Patcher
 
 NAME = "flux"
@@ -251,12 +254,14 @@ class FluxFusedAttnProcessor:
     Which attention runs. diffusers routes this call through ``dispatch_attention_fn(backend=
     self._attention_backend, parallel_config=self._parallel_config)``; that is what carries
     ``set_attention_backend``, the ``attention_backend`` context manager / ``DIFFUSERS_ATTN_BACKEND``,
-    context parallelism (Ulysses/Ring all-to-alls happen inside it) and attention masks. When none of
-    them is in play (no backend and no parallel config on the processor, diffusers' active backend the
-    default "native", i.e. plain SDPA, and no mask) the call runs ``joint_attention(backend=ops.attention)``
-    instead: the same softmax attention on our own choice of kernel (flash-attention / Triton / SDPA),
-    which is where the speed is. Whenever the user asked diffusers for anything, the joint buffers go to
-    ``dispatch_attention_fn`` exactly as FluxAttnProcessor passes them, so those features keep working.
+    context parallelism (Ulysses/Ring all-to-alls happen inside it) and attention masks. When no backend
+    is asked for (none on the processor, diffusers' active backend the default "native", i.e. plain SDPA)
+    and there is no mask, the call runs ``joint_attention(backend=ops.attention)`` instead: the same
+    softmax attention on our own choice of kernel (flash-attention / Triton / SDPA), which is where the
+    speed is; under context parallelism it runs as the local op of diffusers' Ulysses / Ring attention
+    (``dit_kernels.parallel.attention``). Whenever the user asked diffusers for a backend or passed a mask,
+    the joint buffers go to ``dispatch_attention_fn`` exactly as FluxAttnProcessor passes them, so those
+    features keep working.
 
     ``_attention_backend`` and ``_parallel_config`` read and write the replaced processor's attributes:
     a setting made before ``patch`` is honoured, and one made while patched survives ``unpatch``.
@@ -267,21 +272,8 @@ class FluxFusedAttnProcessor:
         self.original = FluxAttnProcessor() if original is None else original
         self.ops = ops
 
-    @property
-    def _attention_backend(self):
-        return self.original._attention_backend
-
-    @_attention_backend.setter
-    def _attention_backend(self, backend) -> None:
-        self.original._attention_backend = backend
-
-    @property
-    def _parallel_config(self):
-        return self.original._parallel_config
-
-    @_parallel_config.setter
-    def _parallel_config(self, config) -> None:
-        self.original._parallel_config = config
+    _attention_backend = forwarded_attribute("_attention_backend")
+    _parallel_config = forwarded_attribute("_parallel_config")
 
     def __call__(
         self,
@@ -306,18 +298,17 @@ class FluxFusedAttnProcessor:
         return attn.to_out[1](attn.to_out[0](img.contiguous())), attn.to_add_out(txt.contiguous())
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """[B, T + S, H, Dh] -> [B, T + S, H, Dh]: our kernel, or diffusers' dispatch (see the class doc; also
-        with the attention op switched off)."""
+        """[B, T + S, H, Dh] -> [B, T + S, H, Dh]: our kernel (context-parallel when configured), or
+        diffusers' dispatch (see the class doc; also with the attention op switched off)."""
         if not self.ops.on("attention") or self._uses_diffusers_dispatch(mask):
             return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._attention_backend,
                                          parallel_config=self._parallel_config)  # fmt: skip
-        return joint_attention(q, k, v, backend=self.ops.attention)
+        return attend(q, k, v, self.ops, parallel_config=self._parallel_config)
 
     def _uses_diffusers_dispatch(self, mask: Optional[Tensor]) -> bool:
         active, _ = _AttentionBackendRegistry.get_active_backend()
         return (
             self._attention_backend is not None
-            or self._parallel_config is not None
             or mask is not None
             or active != AttentionBackendName.NATIVE
         )
@@ -375,4 +366,12 @@ FAMILY = Family(
     timestep_scale=1 / 1000,
     timestep_in_model_dtype=True,
     latent_packing=2,
+    # diffusers' own plan (FluxTransformer2DModel._cp_plan), stated here: the image and text tokens and their
+    # RoPE ids split along the sequence at the transformer's input (each rank's joint attention sees its text
+    # and image shards), the image tokens gathered after proj_out
+    parallel_plan={
+        "": {"hidden_states": split(1, dims=3), "encoder_hidden_states": split(1, dims=3),
+             "img_ids": split(0, dims=2), "txt_ids": split(0, dims=2)},
+        "proj_out": gather(1, dims=3),
+    },  # fmt: skip
 )

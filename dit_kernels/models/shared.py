@@ -27,6 +27,7 @@ from dit_kernels.ops import (
     to_heads_first,
     to_seq_first,
 )
+from dit_kernels.parallel.attention import context_parallel_attention
 from dit_kernels.patching import OpBackends
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504: diffusers' clip bound
@@ -264,8 +265,10 @@ def fused_joint_attention(
     *,
     rope: Optional[tuple[Tensor, Tensor]] = None,
     mask: Optional[Tensor] = None,
+    parallel_config=None,
 ) -> Tensor:
-    """Attention over the concatenation of ``streams`` (in the given order) without materialising it.
+    """Attention over the concatenation of ``streams`` (in the given order) without materialising it
+    (context-parallel with ``parallel_config``, see ``attend``).
 
     Each stream's q, k, v go through one ``qk_norm_rope`` launch that normalises q and k per head, rotates
     them with ``rope`` = (cos, sin) [S_total, Dh] (rows of the concatenated sequence, as FLUX builds them)
@@ -277,13 +280,20 @@ def fused_joint_attention(
         q, k, v = (split_heads(t, num_heads) for t in (first.query, first.key, first.value))
     else:
         q, k, v = joint_buffers(streams, num_heads, ops, rope)
-    return attend(q, k, v, ops, mask).flatten(-2)
+    return attend(q, k, v, ops, mask, parallel_config).flatten(-2)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, ops: OpBackends, mask: Optional[Tensor] = None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, ops: OpBackends, mask: Optional[Tensor] = None,
+           parallel_config=None) -> Tensor:  # fmt: skip
     """Softmax attention (scale 1/sqrt(Dh)) over [B, S, H, Dh]: ``joint_attention``, or with the attention op
     off diffusers' eager ``F.scaled_dot_product_attention`` on [B, H, S, Dh] views, a key-padding ``mask``
-    ([B, Skv] / [B, 1, Skv], bool or additive) broadcast as [B, 1, 1, Skv] as diffusers' processors do."""
+    ([B, Skv] / [B, 1, Skv], bool or additive) broadcast as [B, 1, 1, Skv] as diffusers' processors do.
+    ``parallel_config`` (diffusers' ``ParallelConfig``; the sequence of q, k and v sharded over its ranks):
+    the same attention over the whole sequence, ``joint_attention`` (SDPA with the op off) as the local op
+    of diffusers' Ulysses / Ring attention."""
+    if parallel_config is not None:
+        backend = ops.attention if ops.on("attention") else "torch"
+        return context_parallel_attention(q, k, v, parallel_config, mask=mask, backend=backend)
     if ops.on("attention"):
         return joint_attention(q, k, v, mask=mask, backend=ops.attention)
     if mask is not None:
@@ -333,6 +343,14 @@ def eager_qk_norm_rope(q: Tensor, k: Tensor, norm_q: Optional[nn.Module], norm_k
     return q, k
 
 
+def forwarded_attribute(name: str) -> property:
+    """A processor attribute kept on the diffusers processor it wraps (``self.original``; None where that
+    has none): a setting made before ``patch`` is honoured, one made while patched survives ``unpatch``
+    (``_attention_backend``, and ``_parallel_config``, which ``dit_kernels.enable_parallelism`` sets)."""
+    return property(lambda self: getattr(self.original, name, None),
+                    lambda self, value: setattr(self.original, name, value))  # fmt: skip
+
+
 class FusedAttnProcessor:
     """diffusers' ``AttnProcessor2_0`` / ``HunyuanAttnProcessor2_0`` on a legacy ``Attention`` (DiT, PixArt,
     HunyuanDiT; self- or cross-attention), with the per-head q/k norm and RoPE in one ``qk_norm_rope`` launch.
@@ -348,8 +366,13 @@ class FusedAttnProcessor:
     as PixArt builds from ``encoder_attention_mask``). Any other mask (per-query rows) goes to the
     original processor, logged once: correct, not fused. ``validate_legacy_attention`` checks the module
     options this processor leaves out (spatial/group norm, residual connection, output rescale) are off.
+    Under context parallelism (``_parallel_config``, set by ``dit_kernels.enable_parallelism`` on this
+    processor or on the one it wraps) self-attention runs over every rank's shard of the sequence
+    (``attend``); a cross-attention to a context every rank holds whole runs locally.
     Built with no arguments (diffusers' ``type(processor)()``): diffusers' ``HunyuanAttnProcessor2_0`` (which
     covers ``AttnProcessor2_0``) as the original, each op's default backend."""
+
+    _parallel_config = forwarded_attribute("_parallel_config")
 
     def __init__(self, original: Optional[object] = None, ops: OpBackends = OpBackends()):
         if original is None:
@@ -368,7 +391,13 @@ class FusedAttnProcessor:
         temb: Optional[Tensor] = None,
         image_rotary_emb: Optional[tuple[Tensor, Tensor]] = None,
     ) -> Tensor:
+        # context parallelism: self-attention runs over every rank's shard; a cross-attention's context is
+        # whole on every rank, so it attends locally
+        parallel = self._parallel_config if encoder_hidden_states is None else None
         if attention_mask is not None and not _is_key_padding(attention_mask, hidden_states.shape[0]):
+            if parallel is not None:
+                raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)} (not a key-padding mask) "
+                                 "in a self-attention: context parallelism cannot run it")  # fmt: skip
             _log_once(f"{type(self).__name__}: attention mask of shape {tuple(attention_mask.shape)} is not a "
                       "key-padding mask; running diffusers' processor for it")  # fmt: skip
             kwargs = {"image_rotary_emb": image_rotary_emb} if image_rotary_emb is not None else {}
@@ -383,7 +412,7 @@ class FusedAttnProcessor:
             cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
             q, k = qk_norm_rope(q, k, **qk_norm_kwargs(attn.norm_q, attn.norm_k), cos=cos, sin=sin, rope_k=rope_k,
                                 backend=self.ops.rope)  # fmt: skip
-        out = attend(q, k, v, self.ops, attention_mask).flatten(-2)
+        out = attend(q, k, v, self.ops, attention_mask, parallel).flatten(-2)
         return attn.to_out[1](attn.to_out[0](out))
 
 

@@ -1,0 +1,149 @@
+"""A context-parallel plan (``dit_kernels.parallel.plan``) applied to a transformer with torch module hooks.
+
+diffusers' sharders do the work (``EquipartitionSharder``: each rank keeps the rank-th of P equal chunks;
+the gather is an all-gather); the hooks are torch's forward pre-hooks / forward hooks rather than the
+diffusers ``HookRegistry`` that ``ModelMixin.enable_parallelism`` uses. The registry installs its wrapper
+as the module's instance ``forward``, the attribute ``dit_kernels.patch`` replaces (fused forwards, the
+step cache, CUDA-graph runners) and restores on ``unpatch``; torch's hooks run around whatever
+``forward`` is, so parallelism and patching stack in either order and undo independently.
+
+A length P does not divide is refused at the split with a ValueError naming it: every rank holds the same
+unsplit tensor there, so every rank raises, before any collective (no rank is left waiting).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Union
+
+from diffusers.hooks.context_parallel import EquipartitionSharder, _get_submodule_by_name
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.utils.hooks import RemovableHandle
+
+from dit_kernels.parallel.plan import Plan
+
+Specs = Union[ContextParallelInput, tuple[ContextParallelInput, ...], list[ContextParallelInput]]
+
+
+def check_plan(transformer: nn.Module, plan: Plan) -> None:
+    """ValueError naming the first entry of ``plan`` that does not fit ``transformer`` (a module it lacks,
+    an input its forward does not take, an output spec on an input or the other way round)."""
+    for name, entry in plan.items():
+        modules = _modules(transformer, name)
+        if isinstance(entry, ContextParallelOutput) or _all_outputs(entry):
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"context-parallel plan entry {name!r}: {entry!r} is neither a dict of splits nor gathers")
+        for key, specs in entry.items():
+            outputs = {spec.split_output for spec in _as_tuple(specs)}
+            if outputs != {isinstance(key, int)}:
+                raise ValueError(f"context-parallel plan entry {name!r}[{key!r}]: an int key names an output "
+                                 "(split_output=True), a str key an input (split_output=False)")  # fmt: skip
+            missing = [m for m in modules if isinstance(key, str) and key not in _parameters(type(m))]
+            if missing:
+                raise ValueError(f"context-parallel plan entry {name!r}: {type(missing[0]).__name__}.forward "
+                                 f"takes no argument {key!r}")  # fmt: skip
+
+
+def apply_plan(transformer: nn.Module, plan: Plan, mesh: DeviceMesh) -> list[RemovableHandle]:
+    """Register the plan's splits and gathers over ``mesh`` (the flattened context-parallel mesh) on
+    ``transformer``'s modules; returns the hook handles (remove them to undo)."""
+    handles = []
+    for name, entry in plan.items():
+        where = name or type(transformer).__name__
+        for module in _modules(transformer, name):
+            if isinstance(entry, dict):
+                inputs = {key: specs for key, specs in entry.items() if isinstance(key, str)}
+                outputs = {key: specs for key, specs in entry.items() if isinstance(key, int)}
+                if inputs:
+                    hook = functools.partial(_split_inputs, inputs, mesh, where)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                if outputs:
+                    handles.append(module.register_forward_hook(functools.partial(_split_outputs, outputs, mesh, where)))
+            else:
+                handles.append(module.register_forward_hook(functools.partial(_gather, _as_tuple(entry), mesh)))
+    return handles
+
+
+# ----------------------------------------------------------------------------------------- hooks
+
+
+def _split_inputs(specs: dict, mesh: DeviceMesh, where: str, module: nn.Module, args: tuple, kwargs: dict):
+    args = list(args)
+    params = _parameters(type(module))
+    for name, spec in specs.items():
+        if name in kwargs:
+            kwargs[name] = _shard_value(kwargs[name], spec, mesh, f"{where} input {name!r}")
+            continue
+        index = params.index(name)
+        if index < len(args):
+            args[index] = _shard_value(args[index], spec, mesh, f"{where} input {name!r}")
+    return tuple(args), kwargs
+
+
+def _split_outputs(specs: dict, mesh: DeviceMesh, where: str, module: nn.Module, args: tuple, output):
+    single = isinstance(output, Tensor)
+    outputs = [output] if single else list(output)
+    for index, spec in specs.items():
+        outputs[index] = _shard(outputs[index], spec, mesh, f"{where} output {index}")
+    return outputs[0] if single else type(output)(outputs)
+
+
+def _gather(specs: tuple[ContextParallelOutput, ...], mesh: DeviceMesh, module: nn.Module, args: tuple, output):
+    single = isinstance(output, Tensor)
+    outputs = [output] if single else list(output)
+    for index, spec in enumerate(specs):
+        if spec.expected_dims is None or outputs[index].dim() == spec.expected_dims:
+            outputs[index] = EquipartitionSharder.unshard(outputs[index], spec.gather_dim, mesh)
+    return outputs[0] if single else type(output)(outputs)
+
+
+def _shard_value(value, specs: Specs, mesh: DeviceMesh, what: str):
+    """A tensor argument, or a tuple of them (one spec each); None passes."""
+    if value is None or isinstance(value, Tensor):
+        return value if value is None else _shard(value, specs, mesh, what)
+    specs = _as_tuple(specs)
+    if len(specs) != len(value):
+        raise ValueError(f"context parallelism: {what} has {len(value)} elements, the plan {len(specs)}")
+    return type(value)(_shard(v, s, mesh, f"{what}[{i}]") for i, (v, s) in enumerate(zip(value, specs)))
+
+
+def _shard(x: Tensor, spec: ContextParallelInput, mesh: DeviceMesh, what: str) -> Tensor:
+    """This rank's chunk of ``x`` along ``spec.split_dim`` (``x`` whole when its rank is not ``expected_dims``)."""
+    if spec.expected_dims is not None and x.dim() != spec.expected_dims:
+        return x
+    size, ranks = x.shape[spec.split_dim], mesh.size()
+    if size % ranks:
+        raise ValueError(f"context parallelism over {ranks} ranks: {what} {tuple(x.shape)} has {size} positions "
+                         f"along dim {spec.split_dim}, which {ranks} does not divide; choose sizes (image side, "
+                         f"frames, text length) that make it a multiple of {ranks}")  # fmt: skip
+    return EquipartitionSharder.shard(x, spec.split_dim, mesh)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _modules(transformer: nn.Module, name: str) -> list[nn.Module]:
+    try:
+        found = _get_submodule_by_name(transformer, name)
+    except ValueError as err:
+        raise ValueError(f"context-parallel plan entry {name!r} does not fit {type(transformer).__name__}: {err}") from None
+    return found if isinstance(found, list) else [found]
+
+
+def _all_outputs(entry) -> bool:
+    return isinstance(entry, (list, tuple)) and all(isinstance(spec, ContextParallelOutput) for spec in entry)
+
+
+def _as_tuple(specs) -> tuple:
+    return tuple(specs) if isinstance(specs, (list, tuple)) else (specs,)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(cls: type) -> tuple[str, ...]:
+    """The parameter names of ``cls.forward`` after ``self``, in order."""
+    return tuple(inspect.signature(cls.forward).parameters)[1:]
+

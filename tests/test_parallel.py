@@ -1,0 +1,198 @@
+"""Context parallelism (``dit_kernels.enable_parallelism``) on CPU: two ranks over gloo, every family.
+
+The ranks are a pool of two worker processes started once for this module (``parallel_harness``); each
+task below runs on both ranks, every rank building the same seeded tiny model and inputs, computing the
+single-process result itself (the truth) and then the parallel one. Outputs come back as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from parallel_harness import Pool
+from patch_parity import FP32_ATOL, FP32_RTOL
+
+import dit_kernels
+from dit_kernels.bench import e2e, zoo
+from dit_kernels.models import FAMILY_MODULES, family_named
+from dit_kernels.parallel.enable import parallel_config
+
+# Families with a context-parallel plan (test_every_family_has_a_plan: all of them)
+PARALLEL = [name for name in FAMILY_MODULES if family_named(name).parallel_plan is not None]
+# (ulysses_degree, ring_degree) over the two ranks
+MODES = {"ulysses": (2, 1), "ring": (1, 2)}
+# Batch 2 (the sequence chunks are strided views); 8 x 8 latents (FLUX: tokens) and 6 text tokens: both even.
+SHAPE = zoo.Shape(2, 8, 8, 6)
+STEPS = 8
+# Random weights move the head residual 3-40 % per step (tiny configs): 0.5 skips some steps of every family.
+CACHE = dit_kernels.CacheConfig(threshold=0.5, warmup_steps=1, final_steps_computed=1)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    workers = Pool(2)
+    yield workers
+    workers.close()
+
+
+def _model_and_inputs(name: str, **overrides):
+    torch.manual_seed(0)
+    model = family_named(name).build("tiny", **overrides)
+    return model, zoo.transformer_inputs(name, model, SHAPE, torch.float32)
+
+
+def _forward(model, inputs) -> np.ndarray:
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0].numpy()
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def _outcome(fn):
+    """``fn()``'s output, or the ValueError it raised (as its message)."""
+    try:
+        return fn()
+    except ValueError as err:
+        return str(err)
+
+
+# ----------------------------------------------------------------------------------------- rank tasks
+
+
+def parity_task(name: str, ulysses: int, ring: int) -> dict:
+    """The single-process eager output, and the parallel one patched after / before enable_parallelism
+    and unpatched."""
+    model, inputs = _model_and_inputs(name)
+    degrees = {"ulysses_degree": ulysses, "ring_degree": ring}
+    patched_first = copy.deepcopy(model)
+    dit_kernels.patch(patched_first)
+    dit_kernels.enable_parallelism(patched_first, **degrees)
+    parallel_first = copy.deepcopy(model)
+    dit_kernels.enable_parallelism(parallel_first, **degrees)
+    unpatched = copy.deepcopy(parallel_first)
+    dit_kernels.patch(parallel_first)
+    seen = []  # the image tokens the first block gets on this rank
+    first_block = family_named(name).blocks.blocks(parallel_first)[0]
+    first_block.register_forward_pre_hook(lambda block, args, kwargs: seen.append(
+        kwargs.get("hidden_states", args[0] if args else None).shape[1]), with_kwargs=True)  # fmt: skip
+    outputs = {"patch, then enable_parallelism": _forward(patched_first, inputs),
+               "enable_parallelism, then patch": _forward(parallel_first, inputs)}  # fmt: skip
+    dit_kernels.unpatch(parallel_first)
+    return {"truth": _forward(model, inputs), "outputs": outputs, "block tokens": seen[0],
+            "tokens": zoo.tokens(name, model.config, SHAPE),
+            "unpatched": _outcome(lambda: _forward(unpatched, inputs)),
+            "unpatch keeps the shards": _outcome(lambda: _forward(parallel_first, inputs))}  # fmt: skip
+
+
+def cache_task(name: str, ulysses: int, ring: int) -> dict:
+    """A step-cached denoising loop in one process and in parallel: final latents and decision traces."""
+    model, inputs = _model_and_inputs(name)
+    runs = {}
+    for label in ("one process", "parallel"):
+        cached = copy.deepcopy(model)
+        if label == "parallel":
+            dit_kernels.enable_parallelism(cached, ulysses_degree=ulysses, ring_degree=ring)
+        dit_kernels.patch(cached, cache=CACHE)
+        with dit_kernels.cache_session(cached, num_steps=STEPS):
+            latents = e2e.denoise(cached, name, inputs, STEPS)
+        runs[label] = (latents.numpy(), dit_kernels.cache_stats(cached)["calls"][-1]["trace"])
+    return runs
+
+
+def refusal_task() -> dict:
+    """Each refusal's message, and whether the model stayed as it was."""
+    model, inputs = _model_and_inputs("flux")
+    before = copy.deepcopy(model)
+    messages = {
+        "world size": _outcome(lambda: dit_kernels.enable_parallelism(model, ulysses_degree=2, ring_degree=2)),
+        "heads": _outcome(lambda: dit_kernels.enable_parallelism(_model_and_inputs("flux", num_attention_heads=3)[0],
+                                                                 ulysses_degree=2)),  # fmt: skip
+    }
+    unchanged = _hooks(model) == 0 and parallel_config(model) is None and np.array_equal(_forward(model, inputs),
+                                                                                        _forward(before, inputs))
+    dit_kernels.enable_parallelism(model, ulysses_degree=2)
+    messages["twice"] = _outcome(lambda: dit_kernels.enable_parallelism(model, ring_degree=2))
+    odd = zoo.transformer_inputs("flux", model, zoo.Shape(1, 7, 7, 6), torch.float32)
+    messages["sequence"] = _outcome(lambda: _forward(model, odd))
+    works_after = np.abs(_forward(model, inputs) - _forward(before, inputs)).max()
+    dit_kernels.disable_parallelism(model)
+    restored = _hooks(model) == 0 and np.array_equal(_forward(model, inputs), _forward(before, inputs))
+    return {"messages": messages, "unchanged": unchanged, "works after": works_after, "restored": restored}
+
+
+# ----------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", PARALLEL)
+def test_parallel_matches_one_process(pool, name, mode):
+    """Patched + parallel, in either order, equals single-process eager within fp32 reduction noise on
+    every rank; unpatch leaves the parallel model running (diffusers' processors where they reach the
+    parallel attention, else a ValueError asking for patch)."""
+    for rank, result in enumerate(pool.run(parity_task, name, *MODES[mode])):
+        assert result["block tokens"] == result["tokens"] // 2, f"{name} {mode} rank {rank}: blocks see no shard"
+        for label, out in result["outputs"].items():
+            torch.testing.assert_close(torch.from_numpy(out), torch.from_numpy(result["truth"]), rtol=FP32_RTOL,
+                                       atol=FP32_ATOL, msg=lambda m: f"{name} {mode} rank {rank} {label}: {m}")  # fmt: skip
+        for label in ("unpatched", "unpatch keeps the shards"):
+            out = result[label]
+            if isinstance(out, str):
+                assert "dit_kernels.patch(...)" in out, f"{name} {mode} rank {rank} {label}: {out}"
+            else:
+                torch.testing.assert_close(torch.from_numpy(out), torch.from_numpy(result["truth"]), rtol=FP32_RTOL,
+                                           atol=FP32_ATOL, msg=lambda m: f"{name} {mode} rank {rank} {label}: {m}")
+
+
+@pytest.mark.parametrize("name", PARALLEL)
+def test_cache_decides_the_same_on_every_rank(pool, name):
+    """With a threshold that skips, every rank takes the single-process decisions (the change measure is
+    summed over the shards: it equals the whole sequence's), and the latents match the single-process
+    cached loop."""
+    results = pool.run(cache_task, name, *MODES["ulysses"])
+    single_latents, single_trace = results[0]["one process"]
+    assert any(entry["decision"] == "skip" for entry in single_trace), f"{name}: threshold skipped nothing"
+    for rank, result in enumerate(results):
+        latents, trace = result["parallel"]
+        assert [e["decision"] for e in trace] == [e["decision"] for e in single_trace], f"{name} rank {rank}"
+        changes = [(e["change"], s["change"]) for e, s in zip(trace, single_trace) if s["change"] is not None]
+        assert all(abs(got - want) <= 1e-5 * want for got, want in changes), f"{name} rank {rank}: {changes}"
+        torch.testing.assert_close(torch.from_numpy(latents), torch.from_numpy(single_latents), rtol=FP32_RTOL,
+                                   atol=FP32_ATOL, msg=lambda m: f"{name} rank {rank}: {m}")  # fmt: skip
+
+
+def test_refusals_leave_the_model_unchanged(pool):
+    for result in pool.run(refusal_task):
+        messages = result["messages"]
+        assert "does not match the world size 2" in messages["world size"]
+        assert "does not divide the 3 attention heads" in messages["heads"]
+        assert "already parallel" in messages["twice"]
+        assert "49 positions along dim 1, which 2 does not divide" in messages["sequence"], messages["sequence"]
+        assert result["unchanged"], "a refused enable_parallelism changed the model"
+        assert result["works after"] <= 1e-5, "a forward after the refused sequence does not match"
+        assert result["restored"], "disable_parallelism did not restore the model"
+
+
+def test_flux_plan_is_diffusers_own():
+    flux = family_named("flux")
+    assert flux.parallel_plan == flux.classes[0]._cp_plan
+
+
+def test_refusals_without_a_process_group():
+    model, _ = _model_and_inputs("flux")
+    with pytest.raises(TypeError, match="Linear is not a supported transformer"):
+        dit_kernels.enable_parallelism(torch.nn.Linear(2, 2), ulysses_degree=2)
+    for degrees, message in (({"ulysses_degree": 0}, "ulysses_degree must be an int >= 1, got 0"),
+                             ({"ring_degree": 2.0}, "ring_degree must be an int >= 1, got 2.0"),
+                             ({}, "is 1: nothing to run in parallel")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            dit_kernels.enable_parallelism(model, **degrees)
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        dit_kernels.enable_parallelism(model, ulysses_degree=2)
+    assert parallel_config(model) is None and not model._forward_pre_hooks
