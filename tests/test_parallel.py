@@ -21,8 +21,9 @@ from dit_kernels.bench import e2e, zoo
 from dit_kernels.models import FAMILY_MODULES, family_named
 from dit_kernels.parallel.enable import parallel_config
 
-# Families with a context-parallel plan (test_every_family_has_a_plan: all of them)
-PARALLEL = [name for name in FAMILY_MODULES if family_named(name).parallel_plan is not None]
+# Every family's tiny config, and SD3.5's blocks (per-head RMSNorm of q/k, the dual attention's attn2)
+CASES = {name: (name, {}) for name in FAMILY_MODULES} | {
+    "sd3.5": ("sd3", {"num_layers": 3, "qk_norm": "rms_norm", "dual_attention_layers": (0, 1)})}
 # (ulysses_degree, ring_degree) over the two ranks
 MODES = {"ulysses": (2, 1), "ring": (1, 2)}
 # Batch 2 (the sequence chunks are strided views); 8 x 8 latents (FLUX: tokens) and 6 text tokens: both even.
@@ -65,10 +66,10 @@ def _outcome(fn):
 # ----------------------------------------------------------------------------------------- rank tasks
 
 
-def parity_task(name: str, ulysses: int, ring: int) -> dict:
+def parity_task(name: str, overrides: dict, ulysses: int, ring: int) -> dict:
     """The single-process eager output, and the parallel one patched after / before enable_parallelism
     and unpatched."""
-    model, inputs = _model_and_inputs(name)
+    model, inputs = _model_and_inputs(name, **overrides)
     degrees = {"ulysses_degree": ulysses, "ring_degree": ring}
     patched_first = copy.deepcopy(model)
     dit_kernels.patch(patched_first)
@@ -129,13 +130,17 @@ def refusal_task() -> dict:
 # ----------------------------------------------------------------------------------------- tests
 
 
+def test_every_family_has_a_plan():
+    assert [name for name in FAMILY_MODULES if family_named(name).parallel_plan is None] == []
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", PARALLEL)
+@pytest.mark.parametrize("name", CASES)
 def test_parallel_matches_one_process(pool, name, mode):
     """Patched + parallel, in either order, equals single-process eager within fp32 reduction noise on
-    every rank; unpatch leaves the parallel model running (diffusers' processors where they reach the
-    parallel attention, else a ValueError asking for patch)."""
-    for rank, result in enumerate(pool.run(parity_task, name, *MODES[mode])):
+    every rank, whose blocks see half the tokens; unpatch leaves the parallel model running (diffusers'
+    processors where they reach the parallel attention, else a ValueError asking for patch)."""
+    for rank, result in enumerate(pool.run(parity_task, *CASES[name], *MODES[mode])):
         assert result["block tokens"] == result["tokens"] // 2, f"{name} {mode} rank {rank}: blocks see no shard"
         for label, out in result["outputs"].items():
             torch.testing.assert_close(torch.from_numpy(out), torch.from_numpy(result["truth"]), rtol=FP32_RTOL,
@@ -149,7 +154,7 @@ def test_parallel_matches_one_process(pool, name, mode):
                                            atol=FP32_ATOL, msg=lambda m: f"{name} {mode} rank {rank} {label}: {m}")
 
 
-@pytest.mark.parametrize("name", PARALLEL)
+@pytest.mark.parametrize("name", FAMILY_MODULES)
 def test_cache_decides_the_same_on_every_rank(pool, name):
     """With a threshold that skips, every rank takes the single-process decisions (the change measure is
     summed over the shards: it equals the whole sequence's), and the latents match the single-process

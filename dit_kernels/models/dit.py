@@ -24,6 +24,7 @@ from torch import Tensor
 from dit_kernels.models import basic_block
 from dit_kernels.models.family import Family, Shape
 from dit_kernels.models.shared import TensorMemo, check_type, modulation
+from dit_kernels.parallel.plan import gather, split_output
 from dit_kernels.patching import Patcher
 
 NAME = "dit"
@@ -101,4 +102,7 @@ FAMILY = Family(
     text_len=lambda config: 0,
     traffic_shape=Shape(1, 32, 32, 0),  # 256 px
     traffic_depth={"num_layers": 2},
+    # self-attention only: the patch tokens split along the sequence as pos_embed makes them, gathered after
+    # proj_out_2 (norm_out and its modulation act per token)
+    parallel_plan={"pos_embed": {0: split_output(1, dims=3)}, "proj_out_2": gather(1, dims=3)},
 )

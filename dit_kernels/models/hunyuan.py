@@ -52,6 +52,7 @@ from dit_kernels.models.shared import (
     validate_legacy_attention,
 )
 from dit_kernels.ops import gated_residual, gated_residual_layernorm_modulate
+from dit_kernels.parallel.plan import gather, split, split_output
 from dit_kernels.patching import BlockLayout, OpBackends, Patcher
 
 NAME = "hunyuan"
@@ -177,4 +178,9 @@ FAMILY = Family(
     traffic_shape=Shape(1, 128, 128, 77 + 256),  # 1024 px; the cross-attention's 77 CLIP + 256 T5 tokens
     traffic_depth={"num_layers": 4},
     timestep_in_model_dtype=True,
+    # the patch tokens split as pos_embed makes them, with the rows of the pipeline's 2-D RoPE table (cos, sin)
+    # [S, Dh] that rotate them; the long skips join per token; gathered after proj_out. The text stays whole on
+    # every rank: the cross-attention attends locally, self-attention over every rank's shard
+    parallel_plan={"": {"image_rotary_emb": (split(0, dims=2), split(0, dims=2))},
+                   "pos_embed": {0: split_output(1, dims=3)}, "proj_out": gather(1, dims=3)},  # fmt: skip
 )

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from dit_kernels.models import basic_block
 from dit_kernels.models.family import Family, Shape
+from dit_kernels.parallel.plan import gather, split_output
 from dit_kernels.patching import Patcher
 
 NAME = "pixart"
@@ -94,4 +95,8 @@ FAMILY = Family(
     text_len=lambda config: 300,
     traffic_shape=Shape(1, 128, 128, 300),  # 1024 px
     traffic_depth={"num_layers": 2},
+    # the patch tokens split as pos_embed makes them, gathered after proj_out; the caption stays whole on every
+    # rank: the cross-attention attends locally (its padding mask covers the whole caption), self-attention
+    # over every rank's shard
+    parallel_plan={"pos_embed": {0: split_output(1, dims=3)}, "proj_out": gather(1, dims=3)},
 )

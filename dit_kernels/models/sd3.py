@@ -63,6 +63,7 @@ from dit_kernels.models.shared import (
     check_qk_norms,
     check_type,
     check_unwrapped,
+    forwarded_attribute,
     fused_joint_attention,
     gated_feed_forward,
     is_plain_linear,
@@ -71,6 +72,7 @@ from dit_kernels.models.shared import (
     plain_inference,
 )
 from dit_kernels.ops import gated_residual
+from dit_kernels.parallel.plan import gather, split_output
 from dit_kernels.patching import BlockLayout, OpBackends, Patcher
 
 NAME = "sd3"
@@ -224,7 +226,11 @@ class SD3FusedAttnProcessor:
     ``to_add_out`` on the text rows (or the text rows as they are in a context_pre_only block, as diffusers
     returns them). Without ``encoder_hidden_states`` (SD3.5's attn2): self-attention of the image stream.
     ``attention_mask``, ``*args`` and ``**kwargs`` are accepted and ignored, as JointAttnProcessor2_0 does.
+    Under context parallelism (``_parallel_config``) both streams are sharded along the sequence and the
+    attention runs over every rank's shards (``attend``).
     Constructible with no arguments (diffusers' ``type(processor)()``): each op's default backend."""
+
+    _parallel_config = forwarded_attribute("_parallel_config")
 
     def __init__(self, original: Optional[JointAttnProcessor2_0] = None, ops: OpBackends = OpBackends()):
         self.original = JointAttnProcessor2_0() if original is None else original
@@ -240,14 +246,15 @@ class SD3FusedAttnProcessor:
         **kwargs,
     ):
         if encoder_hidden_states is None:
-            out = fused_joint_attention([_stream(attn, hidden_states, _IMAGE)], attn.heads, self.ops)
+            out = fused_joint_attention([_stream(attn, hidden_states, _IMAGE)], attn.heads, self.ops,
+                                        parallel_config=self._parallel_config)  # fmt: skip
             return attn.to_out[1](attn.to_out[0](out))
         inputs = ((hidden_states, _IMAGE), (encoder_hidden_states, _TEXT))
         if _projects_into_buffers(attn, hidden_states):
             q, k, v = _projected_joint_buffers(attn, inputs)
         else:
             q, k, v = joint_buffers([_stream(attn, x, names) for x, names in inputs], attn.heads, self.ops)
-        out = attend(q, k, v, self.ops).flatten(2)
+        out = attend(q, k, v, self.ops, parallel_config=self._parallel_config).flatten(2)
         img, txt = out.split_with_sizes([hidden_states.shape[1], encoder_hidden_states.shape[1]], dim=1)
         img = attn.to_out[1](attn.to_out[0](img))
         return img, txt if attn.context_pre_only else attn.to_add_out(txt)
@@ -335,4 +342,9 @@ FAMILY = Family(
     text_len=lambda config: 333,  # 77 CLIP + 256 T5
     traffic_shape=Shape(1, 128, 128, 333),  # 1024 px
     traffic_depth={"num_layers": 3},  # the last block is context_pre_only
+    # both streams split along the sequence as they are embedded (the joint attention sees each rank's image and
+    # text shards: the text length must divide too, e.g. the pipeline's max_sequence_length=257 with its 77
+    # CLIP tokens for 2 or 4 ranks), the image tokens gathered after proj_out; the last block returns no text
+    parallel_plan={"pos_embed": {0: split_output(1, dims=3)}, "context_embedder": {0: split_output(1, dims=3)},
+                   "proj_out": gather(1, dims=3)},  # fmt: skip
 )
