@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dit_kernels.bench import e2e
+from dit_kernels.bench import e2e, parallel
 from dit_kernels.cache import CacheConfig
 from dit_kernels.bench.report import device_name, markdown, write
 from dit_kernels.models import DEFAULT_FAMILY, FAMILY_MODULES
@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cuda-graphs", action="store_true", help="add a patched + CUDA graphs row (CUDA only)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path, interleaved (default 3)")
     parser.add_argument("--out", type=Path, default=None, help="write results.md, results.json, results.png here")
+    parser.add_argument("--parallel", type=parallel.degrees, default=None, metavar="ulysses=N[,ring=M]",
+                        help="under torchrun: patched paths sharded over the ranks vs one process (bench/parallel.py)")
     return parser.parse_args(argv)
 
 
@@ -58,6 +60,8 @@ def main(argv=None) -> None:
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     args.config = args.config or ("small" if device.type == "cuda" else "tiny")
     setting = e2e.Setting(args.model, args.config, args.size, args.batch, args.steps, DTYPES[dtype_name], str(device))
+    if args.parallel:
+        return parallel.run(args, setting)
     unavailable = []
     graphed = args.cuda_graphs and device.type == "cuda"
     if args.cuda_graphs and not graphed:
