@@ -8,17 +8,20 @@
 
 namespace dk {
 
-void launch_norm_modulate(DType dtype, const NormModulateParams& p, std::uintptr_t stream) {
+int launch_norm_modulate(DType dtype, const NormModulateParams& p, std::uintptr_t stream) {
   require_device();
-  const LaunchShape shape = norm_modulate_shape(p, int64_t(1) << 30);
-  if (shape.grid == 0) return;
+  int access_bytes = 0;
   with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto kernel = shape.team == 32 ? norm_modulate_kernel<T, 32> : norm_modulate_kernel<T, kNormModulateBlock>;
-    kernel<<<dim3(unsigned(shape.grid)), dim3(kNormModulateBlock), shape.dynamic_smem,
-             reinterpret_cast<cudaStream_t>(stream)>>>(p);
+    const NormModulateLaunch shape = norm_modulate_launch<T>(p, int64_t(1) << 30);
+    access_bytes = shape.vector ? 16 : int(sizeof(T));
+    if (shape.grid == 0) return;
+    auto kernel = shape.vector ? norm_modulate_kernel<T, true> : norm_modulate_kernel<T, false>;
+    kernel<<<dim3(unsigned(shape.grid)), dim3(unsigned(shape.block)), 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        p, shape.team_log2);
   });
   check_cuda(cudaGetLastError(), "norm_modulate launch");
+  return access_bytes;
 }
 
 }  // namespace dk

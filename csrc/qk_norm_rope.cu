@@ -8,16 +8,20 @@
 
 namespace dk {
 
-void launch_qk_norm_rope(DType dtype, const QkNormRopeParams& p, std::uintptr_t stream) {
+int launch_qk_norm_rope(DType dtype, const QkNormRopeParams& p, std::uintptr_t stream) {
   require_device();
-  const int64_t grid = qk_norm_rope_grid(p, int64_t(1) << 30);
-  if (grid == 0) return;
+  int access_bytes = 0;
   with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    qk_norm_rope_kernel<T><<<dim3(unsigned(grid), unsigned(p.n_slots)), dim3(kQkNormRopeBlock), 0,
-                             reinterpret_cast<cudaStream_t>(stream)>>>(p);
+    const QkNormRopeLaunch shape = qk_norm_rope_launch<T>(p, int64_t(1) << 30);
+    access_bytes = shape.vector ? 16 : int(sizeof(T));
+    if (shape.grid == 0) return;
+    auto kernel = shape.vector ? qk_norm_rope_kernel<T, true> : qk_norm_rope_kernel<T, false>;
+    kernel<<<dim3(unsigned(shape.grid), unsigned(p.n_slots)), dim3(kQkNormRopeBlock), shape.dynamic_smem,
+             reinterpret_cast<cudaStream_t>(stream)>>>(p, shape.team_log2);
   });
   check_cuda(cudaGetLastError(), "qk_norm_rope launch");
+  return access_bytes;
 }
 
 }  // namespace dk

@@ -12,7 +12,9 @@
 //     warp counts only its real threads). Each lane writes its value, waits at the warp barrier, reads its
 //     partner; the buffer is double-buffered by barrier generation, which stands in for the second barrier;
 //   - dynamic shared memory: one zeroed, 16-byte aligned buffer per launch (dk::emu::dynamic_smem());
-//   - atomicAdd on float / double / int / unsigned / unsigned long long (std::atomic_ref).
+//   - atomicAdd on float / double / int / unsigned / unsigned long long (std::atomic_ref);
+//   - dk::emu::require_aligned: a vector access at a misaligned address fails the launch, as it faults
+//     on the GPU (cudaErrorMisalignedAddress) instead of silently working as it would on the CPU.
 // Static __shared__ arrays are plain function-local statics (DK_SHARED in portable.h): correct because
 // only one launch runs at a time (a global mutex) and blocks run one after another.
 //
@@ -44,6 +46,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -308,6 +311,17 @@ inline void run(dim3 grid, dim3 block, std::size_t smem_bytes, Body body) {
 // environment variable DIT_KERNELS_EMU_BARRIER_TIMEOUT_MS.
 inline void set_barrier_timeout_ms(unsigned ms) { detail::g_timeout_ms.store(ms); }
 inline unsigned barrier_timeout_ms() { return detail::g_timeout_ms.load(); }
+
+// Inside a kernel: throws (failing the launch with the block and thread) unless p is a multiple of
+// `bytes`, as a GPU vector access of that size would fault. Portable code reaches it through dk::load16.
+inline void require_aligned(const void* p, std::size_t bytes, const char* what) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p);
+  if (address % bytes == 0) return;
+  char hex[32];
+  std::snprintf(hex, sizeof hex, "0x%llx", static_cast<unsigned long long>(address));
+  throw detail::EmulationError("misaligned address: " + std::string(what) + " at " + hex + " needs " +
+                               std::to_string(bytes) + "-byte alignment (cudaErrorMisalignedAddress on a GPU)");
+}
 
 // The current launch's dynamic shared memory (16-byte aligned, dynamic_smem_bytes long).
 inline void* dynamic_smem() { return detail::current("dynamic shared memory").smem; }

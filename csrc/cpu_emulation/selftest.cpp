@@ -163,6 +163,16 @@ DK_GLOBAL void throwing_kernel(unsigned bad_block, unsigned bad_thread) {
   __syncthreads();
 }
 
+// (f) 16-byte packs: thread t copies pack t of src (offset by `shift` elements) to dst, doubling it.
+template <class T>
+DK_GLOBAL void pack_copy_kernel(const T* src, T* dst, int shift) {
+  const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
+  constexpr int n = dk::Pack16<T>::kSize;
+  dk::Pack16<T> pack = dk::load16(src + shift + t * n);
+  for (int j = 0; j < n; ++j) pack.v[j] = dk::from_float<T>(2.f * dk::to_float(pack.v[j]));
+  dk::store16(dst + shift + t * n, pack);
+}
+
 // conversions inside a kernel (the same functions as on the host, but through a launch).
 template <class T>
 DK_GLOBAL void convert_kernel(const float* in, T* out, float* back) {
@@ -240,6 +250,32 @@ void test_partial_warp() {
   std::vector<float> sink(n);
   check_throws([&] { dk::emu::launch(dim3(1), dim3(n), 0, partial_warp_sum_kernel, sink.data()); }, "does not exist",
                "(c) warp_sum on a partial warp reads a missing lane");
+}
+
+template <class T>
+void test_packs_for(const char* name) {
+  constexpr int n = dk::Pack16<T>::kSize;
+  static_assert(sizeof(dk::Pack16<T>) == 16 && alignof(dk::Pack16<T>) == 16);
+  const int threads = 64, count = threads * n + n;  // one spare pack for the shifted launch
+  std::vector<dk::Pack16<T>> src_storage(count / n), dst_storage(count / n);  // 16-byte aligned
+  T* src = reinterpret_cast<T*>(src_storage.data());
+  T* dst = reinterpret_cast<T*>(dst_storage.data());
+  for (int i = 0; i < count; ++i) src[i] = dk::from_float<T>(float(i % 97) - 48.f);
+  const T* in = src;
+  dk::emu::launch(dim3(2), dim3(threads / 2), 0, pack_copy_kernel<T>, in, dst, 0);
+  bool ok = true;
+  for (int i = 0; i < threads * n; ++i) ok = ok && dk::to_float(dst[i]) == 2.f * (float(i % 97) - 48.f);
+  check(ok, std::string("(f) load16 / store16 move 16-byte packs of ") + name);
+  // shift 1: every pack starts one element (2 or 4 bytes) past a 16-byte boundary
+  check_throws([&] { dk::emu::launch(dim3(1), dim3(4), 0, pack_copy_kernel<T>, in, dst, 1); },
+               "misaligned address: a 16-byte load",
+               std::string("(f) a misaligned load16 of ") + name + " fails the launch");
+}
+
+void test_packs() {
+  test_packs_for<float>("float");
+  test_packs_for<dk::bf16>("bf16");
+  test_packs_for<dk::half>("half");
 }
 
 struct Case {
@@ -390,6 +426,7 @@ int main() {
   test_dynamic_smem_for<float>();
   test_dynamic_smem_for<double>();
   test_partial_warp();
+  test_packs();
   test_conversions();
   test_failures();
   std::printf("selftest: %d passed, %d failed\n", g_passed, g_failed);

@@ -9,22 +9,34 @@
 //
 // Layout: every row operand is [B, S, D] with a unit last stride and (stride_b, stride_s) in elements,
 // so broadcast modulation ([B, D] -> stride_s = 0) and strided views need no copy. Outputs are dense.
+// Inputs must not overlap the outputs (pointers are __restrict__).
 //
-// Work split: a "team" of TEAM threads owns one row at a time (a warp for D <= 1024, the whole
-// 256-thread block above). Each thread handles columns lane, lane + TEAM, ... in every pass, so the
-// row it caches in shared memory (fp32, D values per team) is only ever read back by the thread that
-// wrote it: passes need no barrier, only the team reductions do. Exact two-pass variance.
+// Work split (row_team.cuh): a team of 1 ... 512 threads per row, the smallest that keeps at most
+// kNormModulateMaxFloats (24) values per thread, so a normalised row lives in registers between its
+// passes: x (and y, gate) are read once, h and out written once, each chunk with one 16-byte access on
+// the vector path, each operand's loads issued together. Blocks of max(256, team) threads. Row
+// statistics: exact two-pass mean / variance in fp32, each a team_sum (shuffles; teams above a warp add
+// one barrier per sum: 2 barriers per row, none for teams <= 32). The gated residual alone (normalize =
+// false) goes over the row in rounds of that size and has no D limit.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
 #include "dit_kernels/params.h"
 #include "dit_kernels/portable.h"
+#include "dit_kernels/row_team.cuh"
 
 namespace dk {
 
-constexpr int kNormModulateBlock = 256;
+constexpr int kNormModulateMinBlock = 256;
+constexpr int kNormModulateMaxBlock = 512;  // the largest team: D <= 24 * 512 when normalising
+constexpr int kNormModulateMaxFloats = 24;  // row values per thread, in registers
+static_assert(kNormModulateMaxDim <= int64_t(kNormModulateMaxFloats) * kNormModulateMaxBlock);
+
+template <class T>
+constexpr int kNormModulateMaxChunks = kNormModulateMaxFloats / kChunk<T>;
 
 template <class T>
 DK_DEVICE const T* row_ptr(const RowOperand& op, int64_t row, int64_t seq_len) {
@@ -33,94 +45,95 @@ DK_DEVICE const T* row_ptr(const RowOperand& op, int64_t row, int64_t seq_len) {
   return static_cast<const T*>(op.ptr) + b * op.stride_b + s * op.stride_s;
 }
 
-// Sum of v over the TEAM threads that share a row. scratch: TEAM / 32 floats per team.
-template <int TEAM>
-DK_DEVICE float team_sum(float v, float* scratch) {
-  v = warp_sum(v);
-  if constexpr (TEAM == 32) {
-    return v;
-  } else {
-    const int lane = threadIdx.x % TEAM;
-    if (lane % 32 == 0) scratch[lane / 32] = v;
-    __syncthreads();
-    float total = 0.f;
-    for (int w = 0; w < TEAM / 32; ++w) total += scratch[w];  // same order in every thread
-    __syncthreads();                                         // scratch is reused by the next call
-    return total;
+// h = x (+ gate * y, rounded to T and stored to h_out, then read back) on the thread's chunks.
+template <class T, class Chunks>
+DK_DEVICE void residual(const Chunks& chunks, const T* __restrict__ x, const T* __restrict__ y,
+                        const T* __restrict__ gate, T* __restrict__ h_out, typename Chunks::Values& h) {
+  chunks.load(x, h);
+  if (y == nullptr) return;
+  typename Chunks::Values addend;
+  chunks.load(y, addend);
+  if (gate != nullptr) chunks.combine(gate, addend, [](float a, float g) { return g * a; });
+  DK_UNROLL
+  for (int i = 0; i < Chunks::kMax; ++i) {
+    DK_UNROLL
+    for (int j = 0; j < Chunks::N; ++j) h[i][j] = to_float(from_float<T>(h[i][j] + addend[i][j]));
   }
+  chunks.store(h_out, h);
 }
 
-template <class T, int TEAM>
-DK_GLOBAL void norm_modulate_kernel(NormModulateParams p) {
-  constexpr int kTeams = kNormModulateBlock / TEAM;
-  DK_SHARED float scratch[kTeams][TEAM / 32];
-  DK_DYNAMIC_SMEM(float, row_cache);  // kTeams * D floats when normalize
-  const int team = threadIdx.x / TEAM;
-  const int lane = threadIdx.x % TEAM;
+// One launch: team = 1 << team_log2 threads per row, blockDim.x = max(kNormModulateMinBlock, team).
+template <class T, bool VECTOR>
+DK_GLOBAL void DK_LAUNCH_BOUNDS(kNormModulateMaxBlock) norm_modulate_kernel(NormModulateParams p, int team_log2) {
+  using Chunks = RowChunks<T, kNormModulateMaxChunks<T>, VECTOR>;
+  DK_SHARED float scratch[2][kNormModulateMaxBlock / kWarpSize];  // mean, then variance: see team_sum
+  const int team = 1 << team_log2;
+  const int lane = int(threadIdx.x) & (team - 1);
+  const int64_t rows_per_block = int64_t(blockDim.x) >> team_log2;
   const int64_t D = p.dim;
-  float* cache = row_cache + team * D;
+  const int64_t row_chunks = (D + Chunks::N - 1) / Chunks::N;
 
-  // Rows are uniform within a team, so every team_sum barrier is reached by the whole team (for
-  // TEAM == block size the team is the block; for TEAM == 32 team_sum has no block barrier).
-  for (int64_t row = int64_t(blockIdx.x) * kTeams + team; row < p.rows; row += int64_t(gridDim.x) * kTeams) {
-    const T* x = row_ptr<T>(p.x, row, p.seq_len);
-    const T* y = p.y.ptr ? row_ptr<T>(p.y, row, p.seq_len) : nullptr;
-    const T* gate = p.gate.ptr ? row_ptr<T>(p.gate, row, p.seq_len) : nullptr;
-    float sum = 0.f;
-    for (int64_t d = lane; d < D; d += TEAM) {
-      float h = to_float(x[d]);
-      if (y) {
-        const float addend = gate ? to_float(gate[d]) * to_float(y[d]) : to_float(y[d]);
-        const T rounded = from_float<T>(h + addend);
-        static_cast<T*>(p.h_out)[row * D + d] = rounded;
-        h = to_float(rounded);
-      }
-      if (p.normalize) cache[d] = h;
-      sum += h;
-    }
-    if (!p.normalize) continue;
+  // Every thread runs every iteration (the team_sum calls need the whole block); a thread whose row is
+  // past the end owns no chunk and only joins the reductions.
+  for (int64_t first = int64_t(blockIdx.x) * rows_per_block; first < p.rows;
+       first += int64_t(gridDim.x) * rows_per_block) {
+    const int64_t team_row = first + (int64_t(threadIdx.x) >> team_log2);
+    const int64_t row = team_row < p.rows ? team_row : p.rows - 1;  // in bounds; not accessed when past the end
+    const Chunks chunks{lane, team, team_row < p.rows ? row_chunks : 0, D};
+    const T* __restrict__ x = row_ptr<T>(p.x, row, p.seq_len);
+    const T* __restrict__ y = p.y.ptr ? row_ptr<T>(p.y, row, p.seq_len) : nullptr;
+    const T* __restrict__ gate = p.gate.ptr ? row_ptr<T>(p.gate, row, p.seq_len) : nullptr;
+    T* __restrict__ h_out = p.h_out ? static_cast<T*>(p.h_out) + row * D : nullptr;
+    typename Chunks::Values h;
 
-    const float mean = team_sum<TEAM>(sum, scratch[team]) / float(D);
-    float squares = 0.f;
-    for (int64_t d = lane; d < D; d += TEAM) {
-      const float centred = cache[d] - mean;
-      squares += centred * centred;
+    if (!p.normalize) {  // the gated residual alone: any D, in rounds of kMax chunks per thread
+      for (Chunks round = chunks; round.first < round.end; round.first += int64_t(Chunks::kMax) * team)
+        residual(round, x, y, gate, h_out, h);
+      continue;
     }
-    const float rstd = dk::rsqrt(team_sum<TEAM>(squares, scratch[team]) / float(D) + p.eps);
 
-    const T* weight = static_cast<const T*>(p.weight);
-    const T* bias = static_cast<const T*>(p.bias);
-    const T* shift = p.shift.ptr ? row_ptr<T>(p.shift, row, p.seq_len) : nullptr;
-    const T* scale = p.scale.ptr ? row_ptr<T>(p.scale, row, p.seq_len) : nullptr;
-    T* out = static_cast<T*>(p.out) + row * D;
-    for (int64_t d = lane; d < D; d += TEAM) {
-      float v = (cache[d] - mean) * rstd;
-      if (weight) v *= to_float(weight[d]);
-      if (bias) v += to_float(bias[d]);
-      if (scale) v *= 1.f + to_float(scale[d]);
-      if (shift) v += to_float(shift[d]);
-      out[d] = from_float<T>(v);
+    residual(chunks, x, y, gate, h_out, h);  // the whole row (D <= kNormModulateMaxDim)
+    const float mean = team_sum<kNormModulateMaxBlock>(chunks.sum(h), team, scratch[0]) / float(D);
+    const float squares = team_sum<kNormModulateMaxBlock>(chunks.sum_squares(h, mean), team, scratch[1]);
+    const float rstd = dk::rsqrt(squares / float(D) + p.eps);
+    DK_UNROLL
+    for (int i = 0; i < Chunks::kMax; ++i) {
+      DK_UNROLL
+      for (int j = 0; j < Chunks::N; ++j) h[i][j] = (h[i][j] - mean) * rstd;
     }
+    if (p.weight) chunks.combine(static_cast<const T*>(p.weight), h, [](float v, float w) { return v * w; });
+    if (p.bias) chunks.combine(static_cast<const T*>(p.bias), h, [](float v, float b) { return v + b; });
+    if (p.scale.ptr) {
+      chunks.combine(row_ptr<T>(p.scale, row, p.seq_len), h, [](float v, float sc) { return v * (1.f + sc); });
+    }
+    if (p.shift.ptr) chunks.combine(row_ptr<T>(p.shift, row, p.seq_len), h, [](float v, float sh) { return v + sh; });
+    chunks.store(static_cast<T*>(p.out) + row * D, h);
   }
 }
 
 // How a launch is shaped for one problem; shared by the CUDA launcher and the CPU emulation.
-struct LaunchShape {
-  int team;             // 32 or kNormModulateBlock
-  int64_t grid;         // blocks
-  size_t dynamic_smem;  // bytes
+struct NormModulateLaunch {
+  bool vector;    // the 16-byte path: every operand and row stride 16-byte aligned, D a multiple of kChunk<T>
+  int team_log2;  // threads per row = 1 << team_log2
+  int block;      // threads per block: max(kNormModulateMinBlock, team)
+  int64_t grid;   // blocks
 };
 
-inline LaunchShape norm_modulate_shape(const NormModulateParams& p, int64_t max_grid) {
-  LaunchShape shape;
-  shape.team = p.dim <= 1024 ? 32 : kNormModulateBlock;
-  const int64_t teams = kNormModulateBlock / shape.team;
-  const int64_t needed = (p.rows + teams - 1) / teams;
+template <class T>
+NormModulateLaunch norm_modulate_launch(const NormModulateParams& p, int64_t max_grid) {
+  NormModulateLaunch shape;
+  const std::size_t e = sizeof(T);
+  const auto operand_ok = [&](const RowOperand& op) { return aligned16(op.ptr, e, op.stride_b, op.stride_s); };
+  shape.vector = p.dim % kChunk<T> == 0 && aligned16(p.out, e) && aligned16(p.h_out, e) && operand_ok(p.x) &&
+                 operand_ok(p.y) && operand_ok(p.gate) && operand_ok(p.shift) && operand_ok(p.scale) &&
+                 aligned16(p.weight, e) && aligned16(p.bias, e);
+  const int64_t chunks = (p.dim + kChunk<T> - 1) / kChunk<T>;
+  shape.team_log2 = team_log2_for(chunks, kNormModulateMaxChunks<T>, kNormModulateMaxBlock);
+  shape.block = std::max(kNormModulateMinBlock, 1 << shape.team_log2);
+  const int64_t rows_per_block = shape.block >> shape.team_log2;
+  const int64_t needed = (p.rows + rows_per_block - 1) / rows_per_block;
   shape.grid = needed < max_grid ? needed : max_grid;
-  shape.dynamic_smem = p.normalize ? size_t(teams * p.dim) * sizeof(float) : 0;
   return shape;
 }
-
-constexpr size_t kMaxDynamicSmem = 48 * 1024;  // no opt-in: D <= 12288 (the Python side checks first)
 
 }  // namespace dk

@@ -23,6 +23,8 @@ struct RowOperand {
   int64_t stride_s;
 };
 
+constexpr int64_t kNormModulateMaxDim = 12288;  // normalize: a row in registers (checked by the binding)
+
 struct NormModulateParams {
   void* out;            // [B, S, D] dense, written when normalize
   void* h_out;          // [B, S, D] dense, written when y is given
@@ -61,9 +63,10 @@ struct QkNormRopeParams {
   int64_t head_dim;     // Dh, even when any slot rotates
   int norm;             // 0 none, 1 rms, 2 layer
   float eps;
-  const float* cos;     // [S_table, Dh] fp32 contiguous, row rope_offset + s; nullptr when nothing rotates
+  const float* cos;     // [S_table, Dh] fp32, row rope_offset + s; nullptr when nothing rotates
   const float* sin;
   int64_t rope_offset;
+  int64_t rope_stride;  // elements between cos/sin rows: Dh, or 0 for one row broadcast over the sequence
   bool rope_half;       // false: interleaved pairs (x0, x1) -> (-x1, x0); true: halves (a, b) -> (-b, a)
 };
 

@@ -4,6 +4,7 @@
 //
 // Kernel code may use, with the same spelling under both compilers:
 //   DK_GLOBAL void kernel(...)        __global__ / a plain function (launched by dk::emu::launch)
+//   DK_LAUNCH_BOUNDS(n)               __launch_bounds__(n) / nothing (between DK_GLOBAL void and the name)
 //   DK_DEVICE T helper(...)           __device__ __forceinline__ / inline
 //   DK_SHARED float buf[N];           __shared__ / static (one launch at a time, blocks in sequence)
 //   DK_DYNAMIC_SMEM(float, name);     float* name = the launch's dynamic shared memory (16-byte aligned)
@@ -12,6 +13,8 @@
 //   __shfl_sync / __shfl_xor_sync / __shfl_up_sync / __shfl_down_sync (full warp), atomicAdd
 //   dk::bf16, dk::half, dk::to_float, dk::from_float<T>, dk::to_bits, dk::from_bits<T>,
 //   dk::warp_sum, dk::warp_max, dk::rsqrt, dk::kWarpSize
+//   dk::Pack16<T>, dk::load16 (read-only data), dk::store16: 16 bytes of T as one 128-bit access
+//     (16-byte aligned; a misaligned address faults on the GPU and fails the launch in the emulation)
 //
 // Semantics that differ by design: dk::rsqrt is rsqrtf (approximate, <= 2 ulp) on CUDA and a correctly
 // rounded 1 / sqrt on the CPU; NaN bit patterns from from_float differ (CPU: torch's CPU tensor results,
@@ -30,6 +33,7 @@
 
 #define DK_DEVICE __device__ __forceinline__
 #define DK_GLOBAL __global__
+#define DK_LAUNCH_BOUNDS(n) __launch_bounds__(n)
 #define DK_SHARED __shared__
 // One extern array of one type for every kernel, so several instantiations can each take their own view.
 #define DK_DYNAMIC_SMEM(type, name)                             \
@@ -51,6 +55,7 @@ using half = __half;
 
 #define DK_DEVICE inline
 #define DK_GLOBAL
+#define DK_LAUNCH_BOUNDS(n)
 #define DK_SHARED static
 #define DK_DYNAMIC_SMEM(type, name) type* name = static_cast<type*>(::dk::emu::dynamic_smem())
 #define DK_UNROLL
@@ -228,6 +233,69 @@ DK_DEVICE float warp_max(float v) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = std::fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
 #endif
   return v;
+}
+
+// 16 bytes of T (8 bf16 / half, 4 float), 16-byte aligned.
+template <class T>
+struct alignas(16) Pack16 {
+  static constexpr int kSize = int(16 / sizeof(T));
+  T v[kSize];
+};
+
+#if defined(__CUDACC__)
+namespace detail {
+// 32-bit word k of a pack and back, through the bit patterns (a whole-struct memcpy can be split into
+// narrower stores by the compiler).
+template <class T>
+DK_DEVICE unsigned pack_word(const Pack16<T>& pack, int k) {
+  if constexpr (sizeof(T) == 4) {
+    return __float_as_uint(pack.v[k]);
+  } else {
+    return unsigned(to_bits(pack.v[2 * k])) | (unsigned(to_bits(pack.v[2 * k + 1])) << 16);
+  }
+}
+template <class T>
+DK_DEVICE void unpack_word(Pack16<T>& pack, int k, unsigned word) {
+  if constexpr (sizeof(T) == 4) {
+    pack.v[k] = __uint_as_float(word);
+  } else {
+    pack.v[2 * k] = from_bits<T>(static_cast<std::uint16_t>(word & 0xffffu));
+    pack.v[2 * k + 1] = from_bits<T>(static_cast<std::uint16_t>(word >> 16));
+  }
+}
+}  // namespace detail
+#endif
+
+// One 128-bit load of the 16 bytes at p through the read-only data path (LDG.E.128.CONSTANT on the
+// GPU): p must be 16-byte aligned, and the kernel must not write that memory.
+template <class T>
+DK_DEVICE Pack16<T> load16(const T* p) {
+  Pack16<T> out;
+#if defined(__CUDACC__)
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  detail::unpack_word(out, 0, raw.x);
+  detail::unpack_word(out, 1, raw.y);
+  detail::unpack_word(out, 2, raw.z);
+  detail::unpack_word(out, 3, raw.w);
+#else
+  emu::require_aligned(p, 16, "a 16-byte load");
+  std::memcpy(&out, p, sizeof(out));
+#endif
+  return out;
+}
+
+// One 128-bit store of v at p (STG.E.128 on the GPU); p must be 16-byte aligned.
+template <class T>
+DK_DEVICE void store16(T* p, const Pack16<T>& v) {
+#if defined(__CUDACC__)
+  // Inline PTX: through a plain uint4 store, nvcc 13 sometimes splits one of several into 32-bit stores.
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(detail::pack_word(v, 0)),
+               "r"(detail::pack_word(v, 1)), "r"(detail::pack_word(v, 2)), "r"(detail::pack_word(v, 3))
+               : "memory");
+#else
+  emu::require_aligned(p, 16, "a 16-byte store");
+  std::memcpy(p, &v, sizeof(v));
+#endif
 }
 
 // 1 / sqrt(x): rsqrtf on CUDA (approximate), 1.f / std::sqrt(x) on the CPU.
