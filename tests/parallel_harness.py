@@ -1,5 +1,6 @@
-"""A pool of worker processes in one gloo process group, kept for a test module, so that each parallel test
-costs a task, not a process start (starting two processes that import torch and diffusers takes ~15 s here).
+"""A pool of worker processes in one process group (gloo on CPU; nccl, one GPU per rank), kept for a test
+module, so that each parallel test costs a task, not a process start (starting two processes that import
+torch and diffusers takes ~15 s here).
 
 ``Pool(world_size).run(fn, *args)`` calls ``fn(*args)`` on every rank and returns the results in rank order;
 ``fn`` must be importable by name (a module-level function of a test module) and its arguments and result
@@ -21,14 +22,15 @@ import torch.multiprocessing as mp
 
 
 class Pool:
-    def __init__(self, world_size: int, timeout: float = 120.0):
+    def __init__(self, world_size: int, backend: str = "gloo", timeout: float = 120.0):
         context = mp.get_context("spawn")
         self.world_size, self.timeout = world_size, timeout
         self.tasks = [context.Queue() for _ in range(world_size)]
         self.results = context.Queue()
         port = _free_port()
-        self.processes = [context.Process(target=_worker, args=(rank, world_size, port, self.tasks[rank], self.results),
-                                           daemon=True) for rank in range(world_size)]  # fmt: skip
+        self.processes = [context.Process(target=_worker, args=(rank, world_size, port, backend, self.tasks[rank],
+                                                                 self.results), daemon=True)
+                          for rank in range(world_size)]  # fmt: skip
         for process in self.processes:
             process.start()
         self.broken = False
@@ -62,9 +64,11 @@ class Pool:
                 process.kill()
 
 
-def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+def _worker(rank: int, world_size: int, port: int, backend: str, tasks, results) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+    if backend == "nccl":  # one GPU per rank
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=90))  # fmt: skip
     while (task := tasks.get()) is not None:
         fn, args = task

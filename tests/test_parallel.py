@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 from parallel_harness import Pool
 from patch_parity import FP32_ATOL, FP32_RTOL
+from tolerances import assert_within_eager_bound
 
 import dit_kernels
 from dit_kernels.bench import e2e, zoo
+from dit_kernels.graphs import EagerReplayBackend, GraphConfig, graph_runners
 from dit_kernels.models import FAMILY_MODULES, family_named
 from dit_kernels.parallel.enable import parallel_config
 
@@ -42,6 +44,16 @@ def pool():
     workers.close()
 
 
+@pytest.fixture(scope="module")
+def gpu_pool():
+    """Two ranks over NCCL, one GPU each."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
+    workers = Pool(2, backend="nccl")
+    yield workers
+    workers.close()
+
+
 def _model_and_inputs(name: str, **overrides):
     torch.manual_seed(0)
     model = family_named(name).build("tiny", **overrides)
@@ -51,6 +63,12 @@ def _model_and_inputs(name: str, **overrides):
 def _forward(model, inputs) -> np.ndarray:
     with torch.no_grad():
         return model(**inputs, return_dict=False)[0].numpy()
+
+
+def _assert_fp32_close(got, want, what: str) -> None:
+    """Equal within fp32 reduction noise (the shards change the order of the attention's sums)."""
+    got, want = (torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in (got, want))
+    torch.testing.assert_close(got, want, rtol=FP32_RTOL, atol=FP32_ATOL, msg=lambda m: f"{what}: {m}")
 
 
 def _hooks(model) -> int:
@@ -108,6 +126,50 @@ def cache_task(name: str, ulysses: int, ring: int) -> dict:
     return runs
 
 
+def graphs_task(name: str, dtype_name: str) -> dict:
+    """Patched with graphs (CUDA graphs over NCCL on GPU ranks; the eager-replay backend with its host-sync
+    audit on CPU) after enable_parallelism: outputs over two layouts, twice (captures, then replays), the
+    runner's stats; a step-cached graphed loop's latents and decisions; the one-process results."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    graphs = True if device.type == "cuda" else GraphConfig(backend=EagerReplayBackend(strict=True))
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    truth_model = family_named(name).build("tiny").to(device)
+    eager = copy.deepcopy(truth_model).to(dtype)
+    patched = copy.deepcopy(eager)
+    dit_kernels.patch(patched, cuda_graphs=False)
+    graphed = copy.deepcopy(eager)
+    dit_kernels.enable_parallelism(graphed, ulysses_degree=dist.get_world_size())
+    dit_kernels.patch(graphed, cuda_graphs=graphs)
+    shapes = [SHAPE, zoo.Shape(2, 8, 12, 4)] * 2
+    forwards = []
+    for step, shape in enumerate(shapes):
+        inputs = zoo.transformer_inputs(name, eager, shape, dtype, device, seed=step)
+        truth_inputs = zoo.transformer_inputs(name, eager, shape, torch.float32, device, seed=step)
+        forwards.append({label: _forward_on(model, inputs if model is not truth_model else truth_inputs)
+                         for label, model in (("graphed", graphed), ("patched", patched), ("eager", eager),
+                                              ("truth", truth_model))})  # fmt: skip
+    runner = graph_runners(graphed)["forward"]
+    cached = {}
+    for label, options in (("one process", {"cuda_graphs": False}), ("parallel", {"cuda_graphs": graphs})):
+        model = copy.deepcopy(truth_model)
+        if label == "parallel":
+            dit_kernels.enable_parallelism(model, ulysses_degree=dist.get_world_size())
+        dit_kernels.patch(model, cache=CACHE, **options)
+        with dit_kernels.cache_session(model, num_steps=STEPS):
+            latents = e2e.denoise(model, name, zoo.transformer_inputs(name, model, SHAPE, torch.float32, device), STEPS)
+        trace = [entry["decision"] for entry in dit_kernels.cache_stats(model)["calls"][-1]["trace"]]
+        cached[label] = (latents.cpu().numpy(), trace)
+    return {"forwards": forwards, "stats": dict(runner.stats), "failed": list(runner.failed),
+            "block runners": {k: (dict(r.stats), list(r.failed)) for k, r in graph_runners(model).items()},
+            "cached": cached}  # fmt: skip
+
+
+def _forward_on(model, inputs) -> np.ndarray:
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0].float().cpu().numpy()
+
+
 def refusal_task() -> dict:
     """Each refusal's message, and whether the model stayed as it was."""
     model, inputs = _model_and_inputs("flux")
@@ -145,15 +207,13 @@ def test_parallel_matches_one_process(pool, name, mode):
     for rank, result in enumerate(pool.run(parity_task, *CASES[name], *MODES[mode])):
         assert result["block tokens"] == result["tokens"] // 2, f"{name} {mode} rank {rank}: blocks see no shard"
         for label, out in result["outputs"].items():
-            torch.testing.assert_close(torch.from_numpy(out), torch.from_numpy(result["truth"]), rtol=FP32_RTOL,
-                                       atol=FP32_ATOL, msg=lambda m: f"{name} {mode} rank {rank} {label}: {m}")  # fmt: skip
+            _assert_fp32_close(out, result["truth"], f"{name} {mode} rank {rank} {label}")
         for label in ("unpatched", "unpatch keeps the shards"):
             out = result[label]
             if isinstance(out, str):
                 assert "dit_kernels.patch(...)" in out, f"{name} {mode} rank {rank} {label}: {out}"
             else:
-                torch.testing.assert_close(torch.from_numpy(out), torch.from_numpy(result["truth"]), rtol=FP32_RTOL,
-                                           atol=FP32_ATOL, msg=lambda m: f"{name} {mode} rank {rank} {label}: {m}")
+                _assert_fp32_close(out, result["truth"], f"{name} {mode} rank {rank} {label}")
 
 
 @pytest.mark.parametrize("name", FAMILY_MODULES)
@@ -169,8 +229,7 @@ def test_cache_decides_the_same_on_every_rank(pool, name):
         assert [e["decision"] for e in trace] == [e["decision"] for e in single_trace], f"{name} rank {rank}"
         changes = [(e["change"], s["change"]) for e, s in zip(trace, single_trace) if s["change"] is not None]
         assert all(abs(got - want) <= 1e-5 * want for got, want in changes), f"{name} rank {rank}: {changes}"
-        torch.testing.assert_close(torch.from_numpy(latents), torch.from_numpy(single_latents), rtol=FP32_RTOL,
-                                   atol=FP32_ATOL, msg=lambda m: f"{name} rank {rank}: {m}")  # fmt: skip
+        _assert_fp32_close(latents, single_latents, f"{name} rank {rank}")
 
 
 def test_refusals_leave_the_model_unchanged(pool):
@@ -216,3 +275,59 @@ def test_bench_command_runs():
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| patched")]
     assert [row[0].strip() for row in rows] == ["patched", "patched + cache 0.08"], done.stdout
     assert all(float(row[4]) <= 1e-5 for row in rows), done.stdout
+
+
+def _assert_graphs(results: list, name: str, dtype: torch.dtype) -> None:
+    """graphs_task's results: each of the two layouts captured once, every call replayed, no failure; every graphed
+    output as the one-process patched one (fp32: reduction noise; bf16: within 2x eager bf16's error vs the
+    fp32 truth); the cached graphed loop decides as one process, every block runner captured without failure."""
+    for rank, result in enumerate(results):
+        what = f"{name} {dtype} rank {rank}"
+        calls = len(result["forwards"])
+        assert result["failed"] == [] and result["stats"]["captures"] == 2 and result["stats"]["replays"] == calls, (
+            f"{what}: {result['stats']} {result['failed']}")  # fmt: skip
+        for step, out in enumerate(result["forwards"]):
+            graphed, patched, eager, truth = (torch.from_numpy(out[k])
+                                              for k in ("graphed", "patched", "eager", "truth"))  # fmt: skip
+            if dtype == torch.float32:
+                _assert_fp32_close(graphed, patched, f"{what} forward {step}")
+            else:
+                assert_within_eager_bound(graphed, eager, truth, factor=2.0, what=f"{what} forward {step}")
+        (single, single_trace), (latents, trace) = result["cached"]["one process"], result["cached"]["parallel"]
+        assert trace == single_trace and "skip" in trace, f"{what}: {trace} vs {single_trace}"
+        _assert_fp32_close(latents, single, f"{what}: cached latents")
+        assert all(stats["captures"] == 1 and not failed for stats, failed in result["block runners"].values()), (
+            f"{what}: {result['block runners']}")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["flux", "dit"])
+def test_graph_runner_with_parallel_on_cpu(pool, name):
+    """The CUDA-graph runner's logic (eager-replay backend, host-sync audit) around a sharded forward:
+    the collectives sit inside the recording, the split before it, nothing syncs the host."""
+    _assert_graphs(pool.run(graphs_task, name, "float32"), name, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", FAMILY_MODULES)
+def test_gpu_cuda_graphs_capture_nccl_collectives(gpu_pool, name, dtype):
+    """Two GPUs over NCCL: the patched, sharded forward captured in CUDA graphs (the Ulysses all-to-alls and
+    the output all-gather recorded), replayed, as one GPU computes it; with the step cache, per-block
+    graphs around the decision and the same decisions as one process."""
+    _assert_graphs(gpu_pool.run(graphs_task, name, dtype), name, getattr(torch, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_attention_with_lse_flash_matches_reference(dtype):
+    """Ring's local op on CUDA in half precision (PyTorch's flash kernel) against the fp32 reference math
+    (the CPU path): output within half-precision rounding, log-sum-exp to fp32 accumulation noise."""
+    from dit_kernels.parallel.attention import attention_with_lse
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, s, 4, 64, device="cuda") for s in (96, 80, 80))
+    out, lse = attention_with_lse(*(t.to(dtype) for t in (q, k, v)))
+    ref_out, ref_lse = attention_with_lse(*(t.to(dtype).float().cpu() for t in (q, k, v)))
+    assert out.dtype == lse.dtype == torch.float32 and out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    torch.testing.assert_close(out.cpu(), ref_out, rtol=0, atol=4 * torch.finfo(dtype).eps)
+    torch.testing.assert_close(lse.cpu(), ref_lse, rtol=1e-5, atol=1e-5)

@@ -39,7 +39,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, parallel_config,
                          "only); use ulysses_degree for models that mask the sharded sequence")  # fmt: skip
     local = functools.partial(_local_attention, backend=backend)
     return _templated_context_parallel_attention(q, k, v, mask, 0.0, False, scale, False, False, forward_op=local,
-                                                 backward_op=_no_backward, _parallel_config=parallel_config)  # fmt: skip
+                                                 backward_op=_no_backward,
+                                                 _parallel_config=parallel_config)  # fmt: skip
 
 
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
@@ -59,8 +60,8 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
 
 
 def _local_attention(ctx, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-                     is_causal: bool, scale: Optional[float], enable_gqa: bool, return_lse: bool, _save_ctx: bool = True,
-                     _parallel_config=None, *, backend: Optional[str]):  # fmt: skip
+                     is_causal: bool, scale: Optional[float], enable_gqa: bool, return_lse: bool,
+                     _save_ctx: bool = True, _parallel_config=None, *, backend: Optional[str]):  # fmt: skip
     """The local op in diffusers' forward-op signature: ``joint_attention``, or ``attention_with_lse`` when
     the caller (Ring) needs the log-sum-exp."""
     if return_lse:

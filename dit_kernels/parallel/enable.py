@@ -147,8 +147,9 @@ def _check(transformer: nn.Module, ulysses_degree: int, ring_degree: int) -> tor
     device = _device(transformer)
     backend, needed = str(dist.get_backend()), PROCESS_GROUP_BACKENDS.get(device.type)
     if needed is None or needed not in backend:
+        served = ", ".join(f"{d} ({b})" for d, b in PROCESS_GROUP_BACKENDS.items())
         raise ValueError(f"{name} is on {device.type}, which the process group backend {backend!r} cannot serve; "
-                         f"context parallelism runs on {', '.join(f'{d} ({b})' for d, b in PROCESS_GROUP_BACKENDS.items())}")
+                         f"context parallelism runs on {served}")
     for module_name, attention in _attentions(transformer):
         if attention.heads % ulysses_degree:
             raise ValueError(f"ulysses_degree {ulysses_degree} does not divide the {attention.heads} attention heads "

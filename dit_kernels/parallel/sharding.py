@@ -62,7 +62,8 @@ def apply_plan(transformer: nn.Module, plan: Plan, mesh: DeviceMesh) -> list[Rem
                     hook = functools.partial(_split_inputs, inputs, mesh, where)
                     handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
                 if outputs:
-                    handles.append(module.register_forward_hook(functools.partial(_split_outputs, outputs, mesh, where)))
+                    hook = functools.partial(_split_outputs, outputs, mesh, where)
+                    handles.append(module.register_forward_hook(hook))
             else:
                 handles.append(module.register_forward_hook(functools.partial(_gather, _as_tuple(entry), mesh)))
     return handles
@@ -130,7 +131,8 @@ def _modules(transformer: nn.Module, name: str) -> list[nn.Module]:
     try:
         found = _get_submodule_by_name(transformer, name)
     except ValueError as err:
-        raise ValueError(f"context-parallel plan entry {name!r} does not fit {type(transformer).__name__}: {err}") from None
+        what = type(transformer).__name__
+        raise ValueError(f"context-parallel plan entry {name!r} does not fit {what}: {err}") from None
     return found if isinstance(found, list) else [found]
 
 
