@@ -32,6 +32,7 @@ Command line::
 
     python -m dit_kernels.aot [--specs MODULE:FUNCTION ...] [--so PATH ... | --no-cuda]
                               [--arch 80 --arch 90] [--jobs N] [-k SUBSTRING] [--json OUT]
+                              [--subset all|representative|rest]
 
 Without ``--specs`` the specs are ``dit_kernels.ops.all_aot_specs()`` (if it exists); without ``--so``
 the built ``dit_kernels._C`` extension is checked when there is one. Exit status 1 if anything fails.
@@ -83,6 +84,7 @@ SHARED_LIMITS = {
 }
 
 DEFAULT_ARCHS = (80, 90)
+SUBSETS = ("all", "representative", "rest")
 
 
 class AotError(RuntimeError):
@@ -105,6 +107,13 @@ class FitResult:
     error: str = ""  # non-empty: the kernel did not compile (or could not be inspected)
     source: str = ""  # "triton" or the path of the shared object
     seconds: float = 0.0  # compile + inspection time
+    global_accesses: dict = field(default_factory=dict)  # PTX ld/st.global by width: {"ld.v4": 3, "st": 1}
+    vector_io: bool = False  # the spec demands vector global accesses only (AotSpec.vector_io)
+
+    @property
+    def scalar_accesses(self) -> int:
+        """Global loads and stores that move one element (Triton kernels; 0 for a CUDA .so: not read)."""
+        return self.global_accesses.get("ld", 0) + self.global_accesses.get("st", 0)
 
     @property
     def ok(self) -> bool:
@@ -115,6 +124,7 @@ class FitResult:
             and self.stack_bytes == 0
             and self.local_bytes == 0
             and 0 <= self.shared_bytes <= self.shared_limit
+            and not (self.vector_io and self.scalar_accesses != 0)
         )
 
     @property
@@ -133,6 +143,8 @@ class FitResult:
             out.append(f"local memory {self.local_bytes} B")
         if self.shared_bytes > self.shared_limit:
             out.append(f"shared {self.shared_bytes} B > {self.shared_limit} B")
+        if self.vector_io and self.scalar_accesses != 0:
+            out.append(f"{self.scalar_accesses} scalar global loads/stores where the spec demands vectors")
         return out
 
 
@@ -260,6 +272,21 @@ def _ptxas_rerun(ptx: str, arch: int, fp_fusion: bool) -> str:
     return proc.stderr + proc.stdout
 
 
+_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)\s")
+
+
+def global_accesses(ptx: str) -> dict[str, int]:
+    """The global load and store instructions of ``ptx`` by vector width: ``{"ld.v4": 3, "st.v4": 1,
+    "ld": 2}``; a key without width counts scalar accesses (one element each), which a spec with
+    ``vector_io`` must not have."""
+    counts: dict[str, int] = {}
+    for op, qualifiers in _GLOBAL_ACCESS.findall(ptx):
+        width = re.search(r"\.(v\d)\b", qualifiers)
+        key = f"{op}.{width.group(1)}" if width else op
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 # ------------------------------------------------------------------------------------ Triton side
 
 
@@ -379,6 +406,8 @@ def compile_triton(spec: AotSpec, arch: int) -> FitResult:
         shared_limit=limit,
         local_bytes=res.get("LOCAL", 0),
         source="triton",
+        global_accesses=global_accesses(compiled.asm["ptx"]),
+        vector_io=spec.vector_io,
         seconds=time.perf_counter() - t0,
     )
 
@@ -539,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arch", action="append", type=int, default=[], help="compute capability (default 80, 90)")
     parser.add_argument("--jobs", "-j", type=int, default=None, help="compile processes (default: CPUs)")
     parser.add_argument("-k", dest="filter", default=None, help="only specs whose name contains this")
+    parser.add_argument("--subset", choices=SUBSETS, default="all",
+                        help="representative: the specs marked so (model shapes); rest: the others")  # fmt: skip
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
     args = parser.parse_args(argv)
     archs = tuple(args.arch) or DEFAULT_ARCHS
@@ -547,6 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = [s for target in args.specs for s in _load_specs(target)] if args.specs else _default_specs()
         if args.filter:
             specs = [s for s in specs if args.filter in s.name]
+        if args.subset != "all":
+            specs = [s for s in specs if s.representative == (args.subset == "representative")]
         t0 = time.perf_counter()
         results = check(specs, archs, jobs=args.jobs)
         triton_seconds = time.perf_counter() - t0

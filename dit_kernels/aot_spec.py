@@ -19,7 +19,8 @@ class AotSpec:
     its launcher specializes them at launch for aligned tensors and sizes; None means every pointer
     parameter (torch allocations are aligned) and no integer. ``vector_io``: the compiled kernel must
     move every global load and store as a vector (``ld.global.v2/.v4``, ``st.global.v2/.v4``): the
-    config stands for aligned shapes, where a scalar access is a regression.
+    config stands for aligned shapes, where a scalar access is a regression. ``representative``: in the
+    small set the default test run compiles (the model shapes); the rest is checked by the slow test.
     """
 
     name: str
@@ -30,6 +31,7 @@ class AotSpec:
     num_stages: int = 3
     divisible_by_16: tuple | None = None
     vector_io: bool = False
+    representative: bool = False
 
     @classmethod
     def build(cls, name, kernel, runtime_signature, constexprs, **launch):

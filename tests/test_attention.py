@@ -7,6 +7,8 @@ grids of a few dozen programs."""
 import itertools
 import logging
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from tolerances import EAGER_FLOOR, assert_within_eager_bound
 from dit_kernels import backends
 from dit_kernels.ops import attention, attention_backend, joint_attention
 from dit_kernels.ops.attention import to_heads_first, to_seq_first, triton_config, triton_configs
+from dit_kernels.ops.dispatch import row_alignment
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [8, 64, 72, 88, 128]  # tiny configs, SD3, DiT/PixArt, HunyuanDiT, FLUX
@@ -141,7 +144,7 @@ def test_triton_odd_head_dims_and_unaligned_rows(dtype):
         out = joint_attention(q, k, v, mask=mask, scale=0.3, backend="triton")
         check_against_truth(out, q, k, v, mask, scale=0.3, what=f"D{head_dim}")
     # rows of 100 elements are 8-byte aligned only: the launcher takes the unaligned config
-    assert attention._alignment([q], [100 * HEADS, 100]) == 1 and attention._alignment([q], [144, 72]) == 8
+    assert row_alignment([q], [100 * HEADS, 100]) == 1 and row_alignment([q], [144, 72]) == 8
     assert triton_config(100, aligned=False) != triton_config(100)
 
 
@@ -282,33 +285,79 @@ def test_attention_backend_on_cpu(caplog):
         joint_attention(q, k, v, backend="cudnn")
 
 
-def test_auto_choice_on_cuda_decision_table(monkeypatch):
-    """The CUDA decision, with availability faked (no GPU needed): 72/88 -> Triton; else flash-attn
-    (fp16/bf16, no mask) > xformers (no mask) > SDPA; fp32 never goes to Triton on CUDA."""
-    cuda = torch.device("cuda")
-    have = {"fa": True, "xf": True, "triton": True}
-    fake_fa = ("flash_attn", "flash-attention 2 (fake)")
-    monkeypatch.setattr(attention, "_flash_attn_impl", lambda d: fake_fa if have["fa"] else (None, "no FA"))
-    monkeypatch.setattr(backends, "xformers", lambda: backends.Availability("xformers", have["xf"], "fake"))
+def stand_in_flash_attn(name: str, calls: list, returns_lse: bool = False):
+    """A module standing in for flash_attn (2) or flash_attn_interface (3): ``flash_attn_func`` on
+    [B, S, H, D] computed by SDPA, each call recorded."""
+    module = types.ModuleType(name)
+    module.__version__ = f"{name} stand-in"
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False):
+        calls.append((name, q.shape[-1], softmax_scale, causal, all(t.stride(-1) == 1 for t in (q, k, v))))
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=softmax_scale)
+        out = out.transpose(1, 2)
+        return (out, None) if returns_lse else out
+
+    module.flash_attn_func = flash_attn_func
+    return module
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """Installs stand-in flash-attention modules and fakes the rest of the machine; returns a dict of
+    switches: which packages import, whether the device is a Hopper, whether Triton runs."""
+    have = {"fa2": True, "fa3": True, "hopper": True, "xf": True, "triton": True, "calls": []}
+
+    def optional(name):
+        key = {"flash_attn": "fa2", "flash_attn_interface": "fa3", "xformers": "xf"}[name]
+        if not have[key]:
+            return backends.Availability(name, False, "not importable: ModuleNotFoundError (stand-in)")
+        return backends.Availability(name, True, f"{name} stand-in")
+
+    monkeypatch.setitem(sys.modules, "flash_attn", stand_in_flash_attn("flash_attn", have["calls"]))
+    monkeypatch.setitem(sys.modules, "flash_attn_interface",
+                        stand_in_flash_attn("flash_attn_interface", have["calls"], returns_lse=True))  # fmt: skip
+    monkeypatch.setattr(backends, "flash_attn", lambda: optional("flash_attn"))
+    monkeypatch.setattr(attention, "_flash_attn3", lambda: optional("flash_attn_interface"))
+    monkeypatch.setattr(backends, "xformers", lambda: optional("xformers"))
     monkeypatch.setattr(backends, "triton", lambda: backends.Availability("triton", have["triton"], "fake triton"))
-    bf16, fp32 = torch.bfloat16, torch.float32
-    assert attention._auto(cuda, bf16, 72, False)[0] == "triton"
-    assert attention._auto(cuda, bf16, 88, True)[0] == "triton"
-    assert attention._auto(cuda, bf16, 128, False)[0] == "flash_attn"
-    assert attention._auto(cuda, bf16, 64, True)[0] == "torch"  # a mask: neither FA nor xformers
-    assert attention._auto(cuda, fp32, 128, False)[0] == "xformers"  # FA takes no fp32
-    assert attention._auto(cuda, fp32, 72, False)[0] == "xformers"  # nor does our kernel on CUDA
-    have["fa"] = False
-    assert attention._auto(cuda, torch.float16, 64, False)[0] == "xformers"
-    have["xf"] = False
-    name, why = attention._auto(cuda, torch.float16, 64, False)
-    assert name == "torch" and "SDPA" in why and "no FA" in why
-    have["triton"] = False
-    assert attention._auto(cuda, bf16, 72, False) == (
-        "torch",
-        "PyTorch SDPA (its flash / memory-efficient kernels); not: Triton: fake triton; flash-attention pads "
-        "head_dim 72; xformers fake",
-    )
+    monkeypatch.setattr(attention, "_is_hopper", lambda device: have["hopper"])
+    return have
+
+
+def test_auto_choice_on_cuda_decision_table(stand_ins):
+    """The CUDA decision with stand-in modules (no GPU needed): flash-attention 3 on Hopper / 2 elsewhere
+    at every head dim it takes (72 and 88 included), fp16/bf16, no mask; our Triton kernel for key-padding
+    masks and where no flash-attention is installed; then xformers (no mask); then SDPA."""
+    cuda, bf16, fp16, fp32 = torch.device("cuda"), torch.bfloat16, torch.float16, torch.float32
+    choice = lambda dtype, dim, mask: attention._auto(cuda, dtype, dim, mask)  # noqa: E731
+    for dim in (64, 72, 88, 128, 256):
+        assert choice(bf16, dim, False) == ("flash_attn", "flash-attention 3 (flash_attn_interface stand-in)")
+        assert choice(bf16, dim, True)[0] == "triton"  # a key-padding mask: flash_attn_func has none
+    assert choice(fp16, 100, False)[1].startswith("flash-attention 2")  # FA3 takes multiples of 8 only
+    stand_ins["hopper"] = False
+    assert choice(bf16, 88, False)[1].startswith("flash-attention 2")
+    assert choice(fp32, 128, False)[0] == "xformers"  # FA takes no fp32, nor does our kernel on CUDA
+    assert choice(bf16, 512, False)[0] == "xformers"  # over 256: neither FA nor our kernel
+    stand_ins["fa2"] = False
+    assert choice(bf16, 72, False) == ("triton", "own Triton kernel (flash_attn not importable: "
+                                       "ModuleNotFoundError (stand-in))")  # fmt: skip
+    stand_ins["triton"] = False
+    assert choice(fp16, 64, False)[0] == "xformers"
+    stand_ins["xf"] = False
+    name, why = choice(fp16, 64, True)
+    assert name == "torch" and "SDPA" in why and "Triton: fake triton" in why
+
+
+@pytest.mark.parametrize("hopper", [True, False], ids=["fa3", "fa2"])
+def test_flash_attn_launch_through_stand_in(stand_ins, hopper):
+    """The flash_attn backend calls the selected module's flash_attn_func with the scale, on views with a
+    unit last stride, and takes the output out of FA3's (out, lse) pair."""
+    stand_ins["hopper"] = hopper
+    q, k, v = make_qkv(torch.float32, 72, 9, 11)
+    out = attention._launch_flash_attn(q, k, v, None, 0.25)
+    module = "flash_attn_interface" if hopper else "flash_attn"
+    assert stand_ins["calls"] == [(module, 72, 0.25, False, True)]
+    check_against_truth(out, q, k, v, scale=0.25, what=module)
 
 
 def test_triton_config_rule_covers_head_dims():
@@ -417,17 +466,11 @@ def test_gpu_triton_strided_views_and_fully_masked_rows():
 
 @pytest.mark.gpu
 def test_gpu_auto_choice():
-    q, k, v = make_qkv(torch.bfloat16, 72, 16, 16, device="cuda")
-    assert attention_backend(q, k, v)[0] == "triton"
-    q, k, v = make_qkv(torch.bfloat16, 128, 16, 16, device="cuda")
-    name, why = attention_backend(q, k, v)
-    if attention._flash_attn_impl(q.device)[0] is not None:
-        assert name == "flash_attn", why
-    elif backends.xformers().available:
-        assert name == "xformers", why
-    else:
-        assert name == "torch", why
-    assert attention_backend(q, k, v, mask=torch.ones(2, 16, dtype=torch.bool, device="cuda"))[0] == "torch"
+    for head_dim in (72, 128):
+        q, k, v = make_qkv(torch.bfloat16, head_dim, 16, 16, device="cuda")
+        name, why = attention_backend(q, k, v)
+        assert name == ("flash_attn" if attention._flash_attn_impl(q.device, head_dim)[0] else "triton"), why
+    assert attention_backend(q, k, v, mask=torch.ones(2, 16, dtype=torch.bool, device="cuda"))[0] == "triton"
     check_against_truth(joint_attention(q, k, v), q, k, v, what=f"auto = {name}")
     with pytest.raises(RuntimeError, match="fp16/bf16"):
         joint_attention(q.float(), k.float(), v.float(), backend="triton")

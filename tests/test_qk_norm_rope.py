@@ -153,6 +153,25 @@ def test_flux_attention_prologue_matches_diffusers(backend, dtype):
         assert_within_eager_bound(o.detach(), e.detach(), t.detach(), what=f"FLUX {backend} {dtype}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda_emu"])
+@pytest.mark.parametrize("rope", ["interleaved", "half"])
+def test_one_row_tables_broadcast_as_in_diffusers(backend, rope):
+    """A [1, Dh] table (HunyuanDiT can pass one; diffusers' apply_rotary_emb broadcasts it) rotates every
+    row with that row, at any seq_offset, read with a row stride of 0 (no copy): the same math as
+    diffusers in fp32, and the same bits as the reference. Dh 88: the padded, vectorised path."""
+    if backend == "triton":
+        require_triton()
+    q, k, v = qkv(torch.float32, 88, sq=5, sk=7)
+    cos, sin = (t[3:4] for t in tables(88, rope, rows=8))
+    params = norm_params(torch.float32, 88, "rms")
+    outs = qk_norm_rope(q, k, v=v, cos=cos, sin=sin, rope=rope, seq_offset=2, **params, backend=backend)
+    normed = qk_norm_rope(q, k, **params, backend="torch")
+    for got, x in zip(outs, normed):
+        theirs = apply_rotary_emb(x.transpose(1, 2), (cos, sin), use_real=True, use_real_unbind_dim=UNBIND_DIM[rope])
+        torch.testing.assert_close(got, theirs.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs[2], v)
+
+
 def test_diffusers_half_layout_matches_exactly_in_fp32():
     """use_real_unbind_dim=-2 ("half") and -1 ("interleaved") without a norm are the same math as
     diffusers' apply_rotary_emb in fp32."""

@@ -204,7 +204,7 @@ def test_head_dim_limit_and_binding_validation():
     slot = (x.data_ptr(), 16, 16, 16, 1, x.data_ptr(), 16, 16, 16, 0, 0, True, False)
     absent = (0,) * 11 + (False, False)
     base = dict(dtype="float32", batch=1, heads=1, head_dim=16, q=slot, k=slot, v=absent, norm=1, eps=1e-6,
-                cos=0, sin=0, rope_offset=0, rope_half=False, stream=0)  # fmt: skip
+                cos=0, sin=0, rope_offset=0, rope_stride=16, rope_half=False, stream=0)  # fmt: skip
     native.qk_norm_rope(**base)  # a valid call
     bad = [
         ({"dtype": "int8"}, "unsupported dtype"),

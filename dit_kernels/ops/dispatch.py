@@ -46,3 +46,14 @@ def register_custom_op(family: str, backend: str, fn: Callable, *, mutates_args=
     op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
     op.register_fake(fake)
     return op
+
+
+def row_alignment(tensors, strides) -> int:
+    """A Triton launcher's ``ALIGN``: 8 when every stride and every tensor's element offset is a multiple
+    of 8 (rows start 16-byte aligned for 16-bit data: the kernel may use 16-byte vectors), else 1. The
+    kernels take strides divided by ALIGN and multiply back by the constexpr, which tells Triton what it
+    cannot infer from a stride such as 72 or 88 (its launcher only specializes multiples of 16).
+    Intermediate alignments count as 1: the AOT check compiles exactly these two cases (a 4-byte
+    alignment compiled attention into larger cp.async staging that spilled on sm_90a)."""
+    values = (*strides, *(t.storage_offset() for t in tensors))
+    return 8 if all(value % 8 == 0 for value in values) else 1

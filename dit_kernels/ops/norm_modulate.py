@@ -157,10 +157,13 @@ if triton is not None:
             centred = tl.where(mask, h - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / dim + eps)
             out = centred * rstd[:, None]
+            # weight and bias: [B, S, D] operands of stride 0, loaded in the tile's layout (vector loads, no
+            # layout conversion through shared memory; the repeats hit L1)
+            vector = _row_offsets(b, s, 0, 0, cols)
             if HAS_WEIGHT:
-                out = out * tl.load(weight_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
+                out = out * tl.load(weight_ptr + vector, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                out = out + tl.load(bias_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
+                out = out + tl.load(bias_ptr + vector, mask=mask, other=0.0).to(tl.float32)
             if HAS_SCALE:
                 scale_at = _row_offsets(b, s, scale_sb, scale_ss, cols)
                 out = out * (1.0 + tl.load(scale_ptr + scale_at, mask=mask, other=0.0).to(tl.float32))
@@ -424,28 +427,39 @@ def _check_pair(residual: Tensor, y: Tensor) -> None:
 # ------------------------------------------------------------------------------------ AOT fit specs
 
 
-def aot_specs():
-    """Every config ``triton_config`` can pick, with every feature on (the most registers), for fp32 and
-    bf16 inputs: compiled for sm_80 / sm_90 by ``dit_kernels.aot`` to prove no spills."""
-    specs = []
-    for dtype in ("fp32", "bf16"):
-        pointer = f"*{dtype}"
-        signature = {"out_ptr": pointer, "h_ptr": pointer}
-        for name in ("x", "y", "gate", "shift", "scale"):
-            signature.update({f"{name}_ptr": pointer, f"{name}_sb": "i32", f"{name}_ss": "i32"})
-        signature.update({"weight_ptr": pointer, "bias_ptr": pointer})
-        signature.update({"n_rows": "i32", "seq_len": "i32", "dim": "i32", "eps": "fp32"})
-        flags = ("HAS_Y", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE", "HAS_WEIGHT", "HAS_BIAS", "NORMALIZE")
-        for config in triton_configs():
-            constexprs = {flag: True for flag in flags} | {"BLOCK_M": config.block_m, "BLOCK_D": config.block_d}
-            specs.append(
-                AotSpec.build(
-                    f"norm_modulate[{dtype},BLOCK_M={config.block_m},BLOCK_D={config.block_d},"
-                    f"warps={config.num_warps}]",
-                    _norm_modulate_kernel,
-                    signature,
-                    constexprs,
-                    num_warps=config.num_warps,
-                )
-            )
-    return specs
+_STRIDES = tuple(f"{name}_{s}" for name in ("x", "y", "gate", "shift", "scale") for s in ("sb", "ss"))
+# (dtype, BLOCK_D, aligned) compiled by the default test run: the model widths (1152, 1408, 1536: BLOCK_D 2048;
+# 3072: 4096), fp32's largest live tile, and the scalar path
+AOT_REPRESENTATIVE = {("bf16", 2048, True), ("bf16", 4096, True), ("fp32", 4096, True), ("bf16", 128, False)}
+
+
+def aot_spec(dtype: str, config: TritonConfig, aligned: bool = True) -> AotSpec:
+    """The AotSpec of the kernel the launcher runs with ``config`` for ``dtype`` ("fp32"/"bf16"), every
+    feature on (the most registers). Aligned (D a multiple of 16, as every model's width): pointers,
+    strides and D are multiples of 16, as the launcher specializes them, and every global load and store
+    must be a vector (``vector_io``). Unaligned (D = 100, say): nothing known aligned; scalar allowed."""
+    pointer = f"*{dtype}"
+    signature = {"out_ptr": pointer, "h_ptr": pointer}
+    for name in ("x", "y", "gate", "shift", "scale"):
+        signature.update({f"{name}_ptr": pointer, f"{name}_sb": "i32", f"{name}_ss": "i32"})
+    signature.update({"weight_ptr": pointer, "bias_ptr": pointer})
+    signature.update({"n_rows": "i32", "seq_len": "i32", "dim": "i32", "eps": "fp32"})
+    flags = ("HAS_Y", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE", "HAS_WEIGHT", "HAS_BIAS", "NORMALIZE")
+    constexprs = {flag: True for flag in flags} | {"BLOCK_M": config.block_m, "BLOCK_D": config.block_d}
+    pointers = tuple(name for name, ty in signature.items() if ty.startswith("*"))
+    return AotSpec.build(
+        f"norm_modulate[{dtype},{'aligned' if aligned else 'unaligned'},BLOCK_M={config.block_m},"
+        f"BLOCK_D={config.block_d},warps={config.num_warps}]",
+        _norm_modulate_kernel, signature, constexprs, num_warps=config.num_warps,
+        divisible_by_16=(*pointers, *_STRIDES, "dim") if aligned else (), vector_io=aligned,
+        representative=(dtype, config.block_d, aligned) in AOT_REPRESENTATIVE,
+    )  # fmt: skip
+
+
+def aot_specs() -> list[AotSpec]:
+    """Every config ``triton_config`` can pick: aligned for fp32 and bf16, unaligned for bf16 (the
+    scalar path: one 64-bit address per element, the most registers). Compiled for sm_80 / sm_90a by
+    ``dit_kernels.aot`` to prove no spills and vector accesses where aligned."""
+    configs = triton_configs()
+    cases = [(dtype, config, True) for dtype in ("fp32", "bf16") for config in configs]
+    return [aot_spec(*case) for case in cases + [("bf16", config, False) for config in configs]]

@@ -10,7 +10,8 @@ stride (views of a fused QKV projection are read in place). Per tensor, all in f
 
 ``rotate`` is diffusers' ``apply_rotary_emb(use_real=True)``: "interleaved" (``use_real_unbind_dim=-1``,
 FLUX and HunyuanDiT) maps pairs (x0, x1) -> (-x1, x0); "half" (``-2``) maps halves (a, b) -> (-b, a).
-cos/sin: [S_table, Dh] real tables (fp32). V is copied unchanged. With ``out_q``/``out_k``/``out_v``
+cos/sin: [S_table, Dh] real tables (fp32); a table of one row is broadcast over the sequence, as diffusers
+broadcasts it. V is copied unchanged. With ``out_q``/``out_k``/``out_v``
 ([B, S_total, H, Dh]) the results land at rows ``seq_offset ...`` of those buffers: that is how the
 text and image streams of SD3 ([image, text]) and FLUX ([text, image]) meet in one joint attention
 buffer without ``torch.cat``. One launch handles q, k and v.
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from dit_kernels import backends
 from dit_kernels.aot_spec import AotSpec
-from dit_kernels.ops.dispatch import concrete_backend, launch_directly, register_custom_op
+from dit_kernels.ops.dispatch import concrete_backend, launch_directly, register_custom_op, row_alignment
 
 try:
     import triton
@@ -93,85 +94,123 @@ def _reference(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
 if triton is not None:
 
     @triton.jit
+    def _load_pairs(row_ptr, row_ok, SPLIT_HALVES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_D: tl.constexpr):  # fmt: skip
+        """The rows at ``row_ptr`` ([BLOCK_R, 1] pointers) as fp32 pairs ``(a, b)``, each [BLOCK_R, BLOCK_D // 2]:
+        RoPE's rotation partners. Interleaved (and no RoPE): even and odd elements, split from one load of
+        the whole tile (16-byte vectors when aligned); halves: the first and the second half."""
+        if SPLIT_HALVES:
+            cols = tl.arange(0, BLOCK_D // 2)
+            mask = row_ok[:, None] & (cols < HEAD_DIM // 2)[None, :]
+            a = tl.load(row_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(row_ptr + HEAD_DIM // 2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            cols = tl.arange(0, BLOCK_D)
+            mask = row_ok[:, None] & (cols < HEAD_DIM)[None, :]
+            x = tl.load(row_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            a, b = tl.split(tl.reshape(x, [BLOCK_R, BLOCK_D // 2, 2]))
+        return a, b
+
+    @triton.jit
+    def _store_pairs(row_ptr, a, b, row_ok, SPLIT_HALVES: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        """Inverse of ``_load_pairs``: one store of the whole tile (interleaved), or of each half."""
+        ty = row_ptr.dtype.element_ty
+        if SPLIT_HALVES:
+            cols = tl.arange(0, BLOCK_D // 2)
+            mask = row_ok[:, None] & (cols < HEAD_DIM // 2)[None, :]
+            tl.store(row_ptr + cols[None, :], a.to(ty), mask=mask)
+            tl.store(row_ptr + HEAD_DIM // 2 + cols[None, :], b.to(ty), mask=mask)
+        else:
+            cols = tl.arange(0, BLOCK_D)
+            mask = row_ok[:, None] & (cols < HEAD_DIM)[None, :]
+            tl.store(row_ptr + cols[None, :], tl.reshape(tl.join(a, b), [BLOCK_R, BLOCK_D]).to(ty), mask=mask)
+
+    @triton.jit
     def _slot_rows(
         pid, x_ptr, x_sb, x_ss, x_sh, o_ptr, o_sb, o_ss, o_sh, w_ptr, b_ptr, cos_ptr, sin_ptr,
-        batch, seq_len, heads, dim, rope_offset, eps,
+        batch, seq_len, heads, rope_offset, eps,
         NORM: tl.constexpr, ROTATE: tl.constexpr, HALF: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        HEAD_DIM: tl.constexpr, TABLE_STRIDE: tl.constexpr, ALIGN: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """BLOCK_R rows (b, s, h) of one tensor; each row is one head vector of Dh values."""
+        """BLOCK_R rows (b, s, h) of one tensor; each row is one head vector of HEAD_DIM values, held as
+        pairs (a, b) of rotation partners, so RoPE needs no second load. Strides come divided by ALIGN
+        (8 or 1): with 8 every row starts at a multiple of 8 elements, which Triton cannot infer from a
+        head stride such as 88, and the loads and stores become 16-byte vectors."""
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.arange(0, BLOCK_D)
         row_ok = rows < batch * seq_len * heads
-        col_ok = cols < dim
-        mask = row_ok[:, None] & col_ok[None, :]
         rows = rows.to(tl.int64)
         h = rows % heads
         s = (rows // heads) % seq_len
         b = rows // (heads * seq_len)
-        x_row = (b * x_sb + s * x_ss + h * x_sh)[:, None]
-        x = tl.load(x_ptr + x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if ROTATE:
-            if HALF:
-                partner = tl.where(cols < dim // 2, cols + dim // 2, cols - dim // 2)
-                sign = tl.where(cols < dim // 2, -1.0, 1.0)
-            else:
-                partner = cols ^ 1
-                sign = tl.where(cols % 2 == 0, -1.0, 1.0)
-            xp = tl.load(x_ptr + x_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        split_halves: tl.constexpr = HALF and ROTATE
+        x_row = x_ptr + ((b * x_sb + s * x_ss + h * x_sh) * ALIGN)[:, None]
+        a, bb = _load_pairs(x_row, row_ok, split_halves, HEAD_DIM, BLOCK_R, BLOCK_D)
+        pairs = tl.arange(0, BLOCK_D // 2)
+        if split_halves:
+            a_ok = pairs < HEAD_DIM // 2
+            b_ok = a_ok
+        else:
+            a_ok = 2 * pairs < HEAD_DIM
+            b_ok = 2 * pairs + 1 < HEAD_DIM
         if NORM == 1:
-            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / dim + eps)
-            x = x * rstd[:, None]
-            if ROTATE:
-                xp = xp * rstd[:, None]
+            rstd = 1.0 / tl.sqrt((tl.sum(a * a, axis=1) + tl.sum(bb * bb, axis=1)) / HEAD_DIM + eps)
+            a = a * rstd[:, None]
+            bb = bb * rstd[:, None]
         if NORM == 2:
-            mean = tl.sum(x, axis=1) / dim
-            centred = tl.where(mask, x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / dim + eps)
-            x = centred * rstd[:, None]
-            if ROTATE:
-                xp = (xp - mean[:, None]) * rstd[:, None]
+            mean = (tl.sum(a, axis=1) + tl.sum(bb, axis=1)) / HEAD_DIM
+            a = tl.where(a_ok[None, :], a - mean[:, None], 0.0)
+            bb = tl.where(b_ok[None, :], bb - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt((tl.sum(a * a, axis=1) + tl.sum(bb * bb, axis=1)) / HEAD_DIM + eps)
+            a = a * rstd[:, None]
+            bb = bb * rstd[:, None]
+        # weight and bias: the same vector at every row, loaded in the tile's layout (vector loads, no
+        # layout conversion through shared memory; the repeats hit L1)
+        vector = tl.zeros([BLOCK_R, 1], tl.int32)
         if HAS_W:
-            x = x * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if ROTATE:
-                xp = xp * tl.load(w_ptr + partner, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            wa, wb = _load_pairs(w_ptr + vector, row_ok, split_halves, HEAD_DIM, BLOCK_R, BLOCK_D)
+            a = a * wa
+            bb = bb * wb
         if HAS_B:
-            x = x + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if ROTATE:
-                xp = xp + tl.load(b_ptr + partner, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            ba, bw = _load_pairs(b_ptr + vector, row_ok, split_halves, HEAD_DIM, BLOCK_R, BLOCK_D)
+            a = a + ba
+            bb = bb + bw
         if ROTATE:
-            table = ((rope_offset + s) * dim)[:, None] + cols[None, :]
-            c = tl.load(cos_ptr + table, mask=mask, other=0.0)
-            sn = tl.load(sin_ptr + table, mask=mask, other=0.0)
-            x = x * c + sign[None, :] * xp * sn
-        o_row = (b * o_sb + s * o_ss + h * o_sh)[:, None]
-        tl.store(o_ptr + o_row + cols[None, :], x.to(o_ptr.dtype.element_ty), mask=mask)
+            table = ((rope_offset + s) * TABLE_STRIDE)[:, None]
+            ca, cb = _load_pairs(cos_ptr + table, row_ok, split_halves, HEAD_DIM, BLOCK_R, BLOCK_D)
+            sa, sb = _load_pairs(sin_ptr + table, row_ok, split_halves, HEAD_DIM, BLOCK_R, BLOCK_D)
+            a, bb = a * ca - bb * sa, bb * cb + a * sb
+        o_row = o_ptr + ((b * o_sb + s * o_ss + h * o_sh) * ALIGN)[:, None]
+        _store_pairs(o_row, a, bb, row_ok, split_halves, HEAD_DIM, BLOCK_R, BLOCK_D)
 
     @triton.jit
     def _qk_norm_rope_kernel(
         q_ptr, q_sb, q_ss, q_sh, qo_ptr, qo_sb, qo_ss, qo_sh, qw_ptr, qb_ptr, q_len,
         k_ptr, k_sb, k_ss, k_sh, ko_ptr, ko_sb, ko_ss, ko_sh, kw_ptr, kb_ptr, k_len,
         v_ptr, v_sb, v_ss, v_sh, vo_ptr, vo_sb, vo_ss, vo_sh,
-        cos_ptr, sin_ptr, batch, heads, dim, rope_offset, eps,
+        cos_ptr, sin_ptr, batch, heads, rope_offset, eps,
         NORM_Q: tl.constexpr, ROTATE_Q: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr,
         NORM_K: tl.constexpr, ROTATE_K: tl.constexpr, HAS_KW: tl.constexpr, HAS_KB: tl.constexpr,
-        HAS_V: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_V: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr, TABLE_STRIDE: tl.constexpr,
+        ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """Grid (row tiles, 2 or 3): axis 1 picks q, k or v, so one launch serves all three."""
+        """Grid (row tiles, 2 or 3): axis 1 picks q, k or v, so one launch serves all three. TABLE_STRIDE:
+        elements between cos/sin rows (HEAD_DIM, or 0 for a one-row table broadcast over the sequence)."""
         pid = tl.program_id(0)
         which = tl.program_id(1)
         if which == 0:
             _slot_rows(pid, q_ptr, q_sb, q_ss, q_sh, qo_ptr, qo_sb, qo_ss, qo_sh, qw_ptr, qb_ptr, cos_ptr, sin_ptr,
-                       batch, q_len, heads, dim, rope_offset, eps,
-                       NORM_Q, ROTATE_Q, HALF, HAS_QW, HAS_QB, BLOCK_R, BLOCK_D)  # fmt: skip
+                       batch, q_len, heads, rope_offset, eps, NORM_Q, ROTATE_Q, HALF, HAS_QW, HAS_QB,
+                       HEAD_DIM, TABLE_STRIDE, ALIGN, BLOCK_R, BLOCK_D)  # fmt: skip
         elif which == 1:
             _slot_rows(pid, k_ptr, k_sb, k_ss, k_sh, ko_ptr, ko_sb, ko_ss, ko_sh, kw_ptr, kb_ptr, cos_ptr, sin_ptr,
-                       batch, k_len, heads, dim, rope_offset, eps,
-                       NORM_K, ROTATE_K, HALF, HAS_KW, HAS_KB, BLOCK_R, BLOCK_D)  # fmt: skip
+                       batch, k_len, heads, rope_offset, eps, NORM_K, ROTATE_K, HALF, HAS_KW, HAS_KB,
+                       HEAD_DIM, TABLE_STRIDE, ALIGN, BLOCK_R, BLOCK_D)  # fmt: skip
         elif HAS_V:
             _slot_rows(pid, v_ptr, v_sb, v_ss, v_sh, vo_ptr, vo_sb, vo_ss, vo_sh, v_ptr, v_ptr, v_ptr, v_ptr,
-                       batch, k_len, heads, dim, 0, eps,
-                       0, False, HALF, False, False, BLOCK_R, BLOCK_D)  # fmt: skip
+                       batch, k_len, heads, 0, eps, 0, False, HALF, False, False,
+                       HEAD_DIM, TABLE_STRIDE, ALIGN, BLOCK_R, BLOCK_D)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -208,23 +247,30 @@ def _launch_triton(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
     batch, _, heads, dim = q.source.shape
     config = triton_config(dim)
     rows = max(slot.source.shape[1] for slot in slots) * batch * heads
+    tensors = [t for slot in slots for t in (slot.source, slot.dest)]
+    align = row_alignment(tensors, [s for t in tensors for s in _strides(t)])
     table = q.source if cos is None else cos
     tables = (table, table if sin is None else sin)
-    vs = (v.source, *_strides(v.source), v.dest, *_strides(v.dest)) if v else (q.source, 0, 0, 0, q.dest, 0, 0, 0)
+    vs = (_triton_tensor(v.source, align), _triton_tensor(v.dest, align)) if v else ((q.source, 0, 0, 0),) * 2
     wrap_triton(_qk_norm_rope_kernel)[(triton.cdiv(rows, config.block_r), len(slots))](
-        *_triton_slot(q), q.source.shape[1], *_triton_slot(k), k.source.shape[1], *vs,
-        *tables, batch, heads, dim, seq_offset, eps,
+        *_triton_slot(q, align), q.source.shape[1], *_triton_slot(k, align), k.source.shape[1], *vs[0], *vs[1],
+        *tables, batch, heads, seq_offset, eps,
         NORM_Q=NORMS[norm] if q.normalize else 0, ROTATE_Q=q.rotate, HAS_QW=q.weight is not None,
         HAS_QB=q.bias is not None, NORM_K=NORMS[norm] if k.normalize else 0, ROTATE_K=k.rotate,
         HAS_KW=k.weight is not None, HAS_KB=k.bias is not None, HAS_V=v is not None, HALF=rope == "half",
+        HEAD_DIM=dim, TABLE_STRIDE=0 if cos is None else cos.stride(0), ALIGN=align,
         BLOCK_R=config.block_r, BLOCK_D=config.block_d, num_warps=config.num_warps,
     )  # fmt: skip
 
 
-def _triton_slot(slot: Slot):
+def _triton_tensor(t: Tensor, align: int) -> tuple:
+    return (t, *(s // align for s in _strides(t)))
+
+
+def _triton_slot(slot: Slot, align: int):
     absent = slot.source  # a valid pointer that the slot's flags never read
     return (
-        slot.source, *_strides(slot.source), slot.dest, *_strides(slot.dest),
+        *_triton_tensor(slot.source, align), *_triton_tensor(slot.dest, align),
         absent if slot.weight is None else slot.weight, absent if slot.bias is None else slot.bias,
     )  # fmt: skip
 
@@ -244,7 +290,8 @@ def _launch_native(module, stream: int, slots, norm, eps, cos, sin, rope, seq_of
     module.qk_norm_rope(
         str(q.source.dtype).removeprefix("torch."), batch, heads, dim,
         _native_slot(q), _native_slot(k), _native_slot(rest[0]) if rest else absent,
-        NORMS[norm], eps, _pointer(cos), _pointer(sin), seq_offset, rope == "half", stream,
+        NORMS[norm], eps, _pointer(cos), _pointer(sin), seq_offset, 0 if cos is None else cos.stride(0),
+        rope == "half", stream,
     )  # fmt: skip
 
 
@@ -385,8 +432,12 @@ def _validate_tables(cos, sin, q, k, seq_offset, rope_q: bool, rope_k: bool) -> 
             raise ValueError(f"{name} must be a float [S_table, {dim}] table on {q.device}, got {t.dtype} {tuple(t.shape)}")
     # only the rotated tensors' rows are read (HunyuanDiT's cross-attention: q only, k may be longer)
     needed = seq_offset + max(q.shape[1] if rope_q else 0, k.shape[1] if rope_k else 0)
-    if cos.shape[0] < needed or sin.shape[0] < needed:
-        raise ValueError(f"cos/sin have {cos.shape[0]} rows; rows up to seq_offset + S = {needed} are read")
+    for t in (cos, sin):
+        if t.shape[0] != 1 and t.shape[0] < needed:
+            raise ValueError(
+                f"cos/sin have {t.shape[0]} rows; rows up to seq_offset + S = {needed} are read "
+                "(or one row, broadcast over the sequence)"
+            )
 
 
 def _validate_outputs(out: dict, sources: dict, seq_offset: int) -> None:
@@ -411,6 +462,12 @@ def rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     No copy when they already are (FLUX's and HunyuanDiT's are); model patchers call this once per
     transformer call and hand the result to every block, so no block converts the tables again."""
     return cos.float().contiguous(), sin.float().contiguous()
+
+
+def _broadcast_rows(cos: Tensor, sin: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """One-row tables (diffusers broadcasts them over the sequence) as [rows, Dh] views with a row
+    stride of 0, no copy: every launcher reads row ``r`` at ``r * table.stride(0)``."""
+    return tuple(t.expand(rows, -1) if t.shape[0] == 1 else t for t in (cos, sin))
 
 
 def _unit_last_stride(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -450,7 +507,7 @@ def qk_norm_rope(
     outputs = {"out_q": out_q, "out_k": out_k, "out_v": out_v}
     _validate(q, k, v, weights, cos, sin, outputs, norm, rope, seq_offset, rope_q, rope_k)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    cos, sin = (None, None) if cos is None else rope_tables(cos, sin)
+    cos, sin = (None, None) if cos is None else _broadcast_rows(*rope_tables(cos, sin), seq_offset + max(q.shape[1], k.shape[1]))
     backend = concrete_backend(backend, q.device)
     args = (q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin)
     flags = (norm, rope, rope_q, rope_k, seq_offset, float(eps))
@@ -470,33 +527,58 @@ def qk_norm_rope(
 # ------------------------------------------------------------------------------------ AOT fit specs
 
 
+# Head dims compiled per BLOCK_D, 16-byte aligned rows (ALIGN 8): the power of two itself and the model
+# head dims that pad to it (8: tiny test configs; 72: DiT/PixArt; 88: HunyuanDiT). Unaligned rows (ALIGN
+# 1, no pointer known aligned) at one odd width per layout.
+AOT_HEAD_DIMS = {16: (8, 16), 32: (32,), 64: (64,), 128: (72, 88, 128), 256: (256,), 512: (512,)}
+AOT_UNALIGNED_HEAD_DIM = 100
+# (dtype, head_dim, rope, aligned) compiled by the default test run: the RoPE models' head dims, fp32, the half
+# layout and the scalar path
+AOT_REPRESENTATIVE = {("bf16", 72, "interleaved", True), ("bf16", 88, "interleaved", True),
+                      ("bf16", 128, "interleaved", True), ("fp32", 128, "interleaved", True),
+                      ("bf16", 128, "half", True), ("bf16", 100, "interleaved", False)}  # fmt: skip
+
+
+def aot_spec(dtype: str, head_dim: int, rope: str = "interleaved", aligned: bool = True):
+    """The AotSpec of the kernel the launcher runs for ``dtype`` ("fp32"/"bf16"), ``head_dim``, RoPE layout
+    and row alignment, with every feature on (LayerNorm + weight + bias + RoPE on q and k, V copied).
+    Aligned: ALIGN 8 and 16-byte aligned pointers (torch allocations), so every global load and store must
+    be a vector (``vector_io``; the half layout only where its halves are 16-byte aligned too); unaligned:
+    ALIGN 1, nothing known aligned (scalar accesses allowed)."""
+    config = triton_config(head_dim)
+    signature = _slots_signature(f"*{dtype}")
+    signature |= {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "batch": "i32", "heads": "i32", "rope_offset": "i32",
+                  "eps": "fp32"}  # fmt: skip
+    flags = {"NORM_Q": 2, "ROTATE_Q": True, "HAS_QW": True, "HAS_QB": True}
+    flags |= {"NORM_K": 2, "ROTATE_K": True, "HAS_KW": True, "HAS_KB": True, "HAS_V": True}
+    constexprs = flags | {"HALF": rope == "half", "HEAD_DIM": head_dim, "TABLE_STRIDE": head_dim,
+                          "ALIGN": 8 if aligned else 1, "BLOCK_R": config.block_r, "BLOCK_D": config.block_d}  # fmt: skip
+    halves_aligned = rope == "interleaved" or (head_dim // 2) % 8 == 0
+    return AotSpec.build(
+        f"qk_norm_rope[{dtype},{rope},Dh={head_dim},{'aligned' if aligned else 'unaligned'},"
+        f"BLOCK_R={config.block_r},BLOCK_D={config.block_d},warps={config.num_warps}]",
+        _qk_norm_rope_kernel, signature, constexprs, num_warps=config.num_warps,
+        divisible_by_16=None if aligned else (), vector_io=aligned and halves_aligned,
+        representative=(dtype, head_dim, rope, aligned) in AOT_REPRESENTATIVE,
+    )  # fmt: skip
+
+
 def aot_specs():
-    """Every config ``triton_config`` can pick, with every feature on (LayerNorm + weight + bias + RoPE
-    on q and k, V copied), both RoPE layouts, fp32 and bf16: compiled for sm_80 / sm_90a."""
-    specs = []
-    for dtype, half, config in itertools.product(("fp32", "bf16"), (False, True), triton_configs()):
-        pointer = f"*{dtype}"
-        strides = ("sb", "ss", "sh")
-        signature = {}
-        for name in ("q", "k", "v"):
-            signature |= {f"{name}_ptr": pointer} | {f"{name}_{s}": "i32" for s in strides}
-            signature |= {f"{name}o_ptr": pointer} | {f"{name}o_{s}": "i32" for s in strides}
-            if name != "v":
-                signature |= {f"{name}w_ptr": pointer, f"{name}b_ptr": pointer, f"{name}_len": "i32"}
-        signature |= {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "batch": "i32", "heads": "i32", "dim": "i32"}
-        signature |= {"rope_offset": "i32", "eps": "fp32"}
-        flags = {"NORM_Q": 2, "ROTATE_Q": True, "HAS_QW": True, "HAS_QB": True}
-        flags |= {"NORM_K": 2, "ROTATE_K": True, "HAS_KW": True, "HAS_KB": True}
-        constexprs = flags | {"HAS_V": True, "HALF": half, "BLOCK_R": config.block_r, "BLOCK_D": config.block_d}
-        layout = "half" if half else "interleaved"
-        specs.append(
-            AotSpec.build(
-                f"qk_norm_rope[{dtype},{layout},BLOCK_R={config.block_r},BLOCK_D={config.block_d},"
-                f"warps={config.num_warps}]",
-                _qk_norm_rope_kernel,
-                signature,
-                constexprs,
-                num_warps=config.num_warps,
-            )
-        )
-    return specs
+    """Every config ``triton_config`` can pick, at every head dim of ``AOT_HEAD_DIMS``, fp32 and bf16, both
+    RoPE layouts, aligned rows; plus unaligned rows at ``AOT_UNALIGNED_HEAD_DIM``."""
+    cases = [(dtype, dim, rope, True) for dtype, dims, rope in itertools.product(
+        ("fp32", "bf16"), AOT_HEAD_DIMS.values(), ROPE_LAYOUTS) for dim in dims]  # fmt: skip
+    cases += [(dtype, AOT_UNALIGNED_HEAD_DIM, rope, False) for dtype in ("fp32", "bf16") for rope in ROPE_LAYOUTS]
+    return [aot_spec(*case) for case in cases]
+
+
+def _slots_signature(pointer: str) -> dict:
+    """The q, k, v slot parameters every qk_norm_rope kernel starts with (strides as i32, as the AOT
+    check's sizes fit)."""
+    signature = {}
+    for name in ("q", "k", "v"):
+        signature |= {f"{name}_ptr": pointer} | {f"{name}_{s}": "i32" for s in ("sb", "ss", "sh")}
+        signature |= {f"{name}o_ptr": pointer} | {f"{name}o_{s}": "i32" for s in ("sb", "ss", "sh")}
+        if name != "v":
+            signature |= {f"{name}w_ptr": pointer, f"{name}b_ptr": pointer, f"{name}_len": "i32"}
+    return signature
