@@ -3,9 +3,9 @@ xformers when importable), bf16, [B, S, H, Dh] inputs.
 
 On a GPU: B=1, S=4096 (a 1024px image at patch 2 / 8x VAE: 64x64 tokens), the head count of the model
 that uses each head dim (72: DiT-XL/2 and PixArt, 16 heads; 88: HunyuanDiT, 16 heads; 128: FLUX,
-24 heads), plus PixArt's masked cross-attention to 300 text tokens. Each backend is synchronised per
-call; TFLOP/s counts the useful work 4 * B * H * Sq * Skv * Dh (not the padding of 72/88 to 128) and
-goes to ``benchmark.extra_info`` and stdout. On CPU: the torch path (SDPA) at a small shape only (the
+24 heads), plus PixArt's masked cross-attention to 300 text tokens. Each backend is timed by do_bench
+with L2 flushed (conftest.py); TFLOP/s counts the useful work 4 * B * H * Sq * Skv * Dh (not the padding
+of 72/88) against the device's bf16 dense peak, in ``benchmark.extra_info`` and on stdout. On CPU: the torch path (SDPA) at a small shape only (the
 Triton kernel needs a GPU; its interpreter form is a test vehicle, not timed)."""
 
 from dataclasses import dataclass
@@ -18,7 +18,6 @@ from dit_kernels.ops import attention_backend, joint_attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16
-H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM bf16 tensor-core peak (dense)
 
 
 @dataclass(frozen=True)
@@ -77,10 +76,5 @@ def test_joint_attention(benchmark, timed, case, backend):
     fn()  # warm-up: compiles the Triton kernel before timing
     benchmark.group = case.id
     benchmark.extra_info["backend"] = f"{name} ({why})"
-    seconds = timed(fn, gpu_rounds=30, cpu_rounds=5)
-    tflops = case.flops / seconds / 1e12
-    benchmark.extra_info["TFLOP/s"] = tflops
-    line = f"\n{case.id} [{backend}]: {seconds * 1e3:.3f} ms, {tflops:.3g} TFLOP/s"
-    if DEVICE.type == "cuda":
-        line += f" ({100 * tflops * 1e12 / H100_BF16_DENSE_FLOPS:.0f}% of H100 bf16 dense peak)"
-    print(line)
+    seconds = timed(fn, cpu_rounds=5)
+    timed.report_flops(f"{case.id} [{backend}]", case.flops, seconds)
