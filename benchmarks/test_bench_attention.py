@@ -5,8 +5,9 @@ On a GPU: B=1, S=4096 (a 1024px image at patch 2 / 8x VAE: 64x64 tokens), the he
 that uses each head dim (72: DiT-XL/2 and PixArt, 16 heads; 88: HunyuanDiT, 16 heads; 128: FLUX,
 24 heads), plus PixArt's masked cross-attention to 300 text tokens. Each backend is timed by do_bench
 with L2 flushed (conftest.py); TFLOP/s counts the useful work 4 * B * H * Sq * Skv * Dh (not the padding
-of 72/88) against the device's bf16 dense peak, in ``benchmark.extra_info`` and on stdout. On CPU: the torch path (SDPA) at a small shape only (the
-Triton kernel needs a GPU; its interpreter form is a test vehicle, not timed)."""
+of 72/88) against the device's bf16 dense peak, in ``benchmark.extra_info`` and on stdout. On CPU: the
+torch path (SDPA) at a small shape only (the Triton kernel needs a GPU; its interpreter form is a test
+vehicle, not timed)."""
 
 from dataclasses import dataclass
 from typing import Optional

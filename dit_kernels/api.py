@@ -19,7 +19,7 @@ from dit_kernels import backends, graphs
 from dit_kernels.cache import StepCache, as_config
 from dit_kernels.cache import validate as validate_cache
 from dit_kernels.models import family_of, supported_classes
-from dit_kernels.patching import EAGER, OPS, OpBackends, Patcher, find_transformer
+from dit_kernels.patching import EAGER, OPS, OpBackends, Patcher, find_transformers
 
 log = logging.getLogger("dit_kernels")
 
@@ -41,6 +41,7 @@ class PatchReport:
     replaced: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     cache: list[str] = field(default_factory=list)
+    others: dict[str, PatchReport] = field(default_factory=dict)  # a pipeline's other transformers, by attribute
 
     def __repr__(self) -> str:
         rows = [("family", f"{self.family} ({self.transformer_class})"), ("device", f"{self.device}, {self.dtype}")]
@@ -50,7 +51,10 @@ class PatchReport:
         rows += [("cache", line) for line in self.cache] or [("cache", "off")]
         rows += [("eager fallback", item) for item in self.fallbacks] or [("eager fallback", "none")]
         width = max(len(key) for key, _ in rows)
-        return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+        lines = [f"{key:<{width}}  {value}" for key, value in rows]
+        for name, other in self.others.items():
+            lines += [f"{name}:", *(f"  {line}" for line in repr(other).splitlines())]
+        return "\n".join(lines)
 
 
 @dataclass
@@ -89,15 +93,39 @@ def patch(
     ``cuda_graphs``: "auto" (default) replays the forward from CUDA graphs captured per input layout when
     the model is on CUDA, and does nothing elsewhere; True also reports why not on another device; a
     ``dit_kernels.graphs.GraphConfig``: as True, with that config; False never (``dit_kernels.graphs``: with
-    ``cache``, one graph per block around the cache's decision)."""
-    transformer = _find_transformer(pipe_or_transformer)
+    ``cache``, one graph per block around the cache's decision).
+
+    A pipeline with several transformers (Wan 2.2 A14B: ``transformer`` for the high-noise steps,
+    ``transformer_2`` for the low-noise ones) has each patched with these arguments, each with its own step
+    cache state (the switch between them is a new start for the second, not a skip); the report is the
+    first one's, with the others' in ``others``. If one is refused, none stays patched."""
+    found = _find_transformers(pipe_or_transformer)
+    reports, patched_now = {}, []
+    try:
+        for name, transformer in found:
+            fresh = _STATE not in transformer.__dict__
+            reports[name] = _patch_transformer(transformer, pipe_or_transformer, kernels, backend, cache, cuda_graphs)
+            if fresh:
+                patched_now.append(transformer)
+    except BaseException:
+        for transformer in reversed(patched_now):
+            _unpatch_transformer(transformer)
+        raise
+    first, *others = reports.values()
+    first.others = dict(zip(list(reports)[1:], others))
+    return first
+
+
+def _patch_transformer(transformer: nn.Module, pipe_or_transformer, kernels, backend: str, cache,
+                       cuda_graphs) -> PatchReport:  # fmt: skip
+    """``patch`` on one transformer (``pipe_or_transformer``: what the user passed, for the scheduler)."""
     state = transformer.__dict__.get(_STATE)
     if state is not None:
         return state.report
     family = family_of(transformer)
     if family is None:
         raise TypeError(_unsupported(transformer))
-    device, dtype = _check_parameters(transformer)
+    device, dtype = _check_parameters(transformer, family.fp32_modules)
     switches = _switches(kernels)
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
@@ -132,15 +160,22 @@ def patch(
 
 
 def unpatch(pipe_or_transformer) -> None:
-    """Restore every module attribute ``patch`` replaced; a model that is not patched is left as is."""
-    transformer = _find_transformer(pipe_or_transformer)
+    """Restore every module attribute ``patch`` replaced (on each transformer of a pipeline, the last patched
+    first, so that wrappers of shared objects such as the scheduler unwind in order); a model that is not
+    patched is left as is."""
+    for _, transformer in reversed(_find_transformers(pipe_or_transformer)):
+        _unpatch_transformer(transformer)
+
+
+def _unpatch_transformer(transformer: nn.Module) -> None:
     state = transformer.__dict__.pop(_STATE, None)
     if state is not None:
         state.patcher.undo()
 
 
 def is_patched(pipe_or_transformer) -> bool:
-    return _STATE in _find_transformer(pipe_or_transformer).__dict__
+    """Whether the transformer (every transformer of a pipeline) is patched."""
+    return all(_STATE in t.__dict__ for _, t in _find_transformers(pipe_or_transformer))
 
 
 def patch_report(pipe_or_transformer) -> Optional[PatchReport]:
@@ -184,8 +219,14 @@ def _step_cache(pipe_or_transformer) -> StepCache:
 
 
 def _find_transformer(obj) -> nn.Module:
+    """The transformer, or a pipeline's first one (the one ``patch_report`` and the cache calls read: pass
+    ``pipe.transformer_2`` itself for the other)."""
+    return _find_transformers(obj)[0][1]
+
+
+def _find_transformers(obj) -> list[tuple[str, nn.Module]]:
     try:
-        return find_transformer(obj)
+        return find_transformers(obj)
     except TypeError:
         raise TypeError(_unsupported(obj)) from None
 
@@ -198,10 +239,11 @@ def _unsupported(obj) -> str:
     )
 
 
-def _check_parameters(transformer: nn.Module) -> tuple[torch.device, torch.dtype]:
+def _check_parameters(transformer: nn.Module, fp32_modules: tuple[str, ...] = ()) -> tuple[torch.device, torch.dtype]:
     """One device (not meta) and one floating dtype, except the fp32 parameters diffusers keeps when it loads
     a model in fp16/bf16 (the class's ``_keep_in_fp32_modules``), accepted where only a fused op that
-    computes in fp32 reads them (a norm's weight and bias); ValueError naming the module otherwise."""
+    computes in fp32 reads them (a norm's weight and bias) or where the family takes them in fp32 as
+    diffusers does (``Family.fp32_modules``); ValueError naming the module otherwise."""
     tensors = list(transformer.parameters()) + list(transformer.buffers())
     devices = {t.device for t in tensors}
     name = type(transformer).__name__
@@ -210,14 +252,15 @@ def _check_parameters(transformer: nn.Module) -> tuple[torch.device, torch.dtype
     if len(devices) != 1:
         raise ValueError(f"{name} has parameters on several devices {sorted(map(str, devices))}; move it to one")
     kept = _kept_in_fp32(transformer)
-    dtypes = {t.dtype for module_name, t in _named_floats(transformer) if module_name not in kept}
+    dtypes = {t.dtype for module_name, t in _named_floats(transformer) if id(t) not in kept.get(module_name, {})}
     if len(dtypes) != 1:
         names = sorted(str(d).removeprefix("torch.") for d in dtypes)
         raise ValueError(f"{name} mixes parameter dtypes {names}; cast it to one dtype (e.g. .to(torch.bfloat16))")
     dtype = dtypes.pop()
-    for module_name in kept:
+    for module_name, tensors in kept.items():
         module = transformer.get_submodule(module_name)
-        if not _is_norm(module) and any(t.dtype != dtype for t in _own_floats(module)):
+        family_takes = all(any(k in name.split(".") for k in fp32_modules) for name in tensors.values())
+        if not (_is_norm(module) or family_takes) and any(t.dtype != dtype for t in _own_floats(module)):
             raise ValueError(
                 f"{name}.{module_name} ({type(module).__name__}) is kept in float32 (_keep_in_fp32_modules) in a "
                 f"{str(dtype).removeprefix('torch.')} model; the fused path reads fp32 parameters only in norms "
@@ -242,18 +285,27 @@ def _named_floats(root: nn.Module):
 
 
 def _own_floats(module: nn.Module) -> list[torch.Tensor]:
-    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    return [t for t in tensors if t.is_floating_point()]
+    return [t for _, t in _own_named_floats(module)]
 
 
-def _kept_in_fp32(transformer: nn.Module) -> dict[str, None]:
-    """Qualified names (in module order) of modules holding fp32 tensors that diffusers' loading keeps in fp32:
-    a name with a component in the class's ``_keep_in_fp32_modules`` (diffusers' rule, ``load_model_dict_into_meta``)."""
+def _own_named_floats(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    return [(name, t) for name, t in tensors if t.is_floating_point()]
+
+
+def _kept_in_fp32(transformer: nn.Module) -> dict[str, dict[int, str]]:
+    """Per owning module's qualified name (in module order), its fp32 tensors that diffusers' loading keeps in
+    fp32 (id -> qualified name): those whose qualified name has a component in the class's
+    ``_keep_in_fp32_modules`` (diffusers' rule, ``load_model_dict_into_meta``, which matches parameter names
+    too: Wan's ``blocks.0.scale_shift_table`` as well as ``blocks.0.norm2.weight``)."""
     keep = getattr(type(transformer), "_keep_in_fp32_modules", None) or ()
-    return dict.fromkeys(
-        module_name for module_name, t in _named_floats(transformer)
-        if t.dtype == torch.float32 and any(k in module_name.split(".") for k in keep)
-    )  # fmt: skip
+    kept: dict[str, dict[int, str]] = {}
+    for module_name, module in transformer.named_modules():
+        for name, t in _own_named_floats(module):
+            qualified = f"{module_name}.{name}".lstrip(".")
+            if t.dtype == torch.float32 and any(k in qualified.split(".") for k in keep):
+                kept.setdefault(module_name, {})[id(t)] = qualified
+    return kept
 
 
 def _switches(kernels) -> dict[str, bool]:

@@ -5,7 +5,7 @@
 - ``Patcher``: applies a family's replacements and records each one, so that ``undo`` is exact;
 - ``BlockLayout``: where a transformer's blocks are and how they are called (what the step cache and the
   per-block graph runners need; each family declares one);
-- ``find_transformer``: the transformer of a pipeline (or the transformer itself).
+- ``find_transformer(s)``: the transformer(s) of a pipeline (or the transformer itself).
 """
 
 from __future__ import annotations
@@ -137,11 +137,21 @@ class Patcher:
 
 
 def find_transformer(obj) -> nn.Module:
-    """``obj`` if it is a module, else its ``.transformer`` module (a diffusers pipeline); else TypeError."""
+    """``obj`` if it is a module, else its first transformer module (a diffusers pipeline's ``.transformer``,
+    see ``find_transformers``); else TypeError."""
+    return find_transformers(obj)[0][1]
+
+
+def find_transformers(obj) -> list[tuple[str, nn.Module]]:
+    """(attribute, module) of every transformer ``obj`` holds: ``[("", obj)]`` for a module; for a diffusers
+    pipeline its ``.transformer`` and each other component named ``transformer_<n>`` that is a module, in
+    that order (Wan 2.2 A14B's ``transformer_2`` denoises the low-noise steps); TypeError when there is none."""
     if isinstance(obj, nn.Module):
-        return obj
-    transformer = getattr(obj, "transformer", None)
-    if isinstance(transformer, nn.Module):
-        return transformer
-    what = "None" if obj is None else type(obj).__name__
-    raise TypeError(f"{what} is neither a transformer module nor a pipeline with a `.transformer` module")
+        return [("", obj)]
+    names = ["transformer", *sorted(n for n in getattr(obj, "components", {}) if n.startswith("transformer_"))]
+    found = [(name, getattr(obj, name, None)) for name in names]
+    found = [(name, module) for name, module in found if isinstance(module, nn.Module)]
+    if not found:
+        what = "None" if obj is None else type(obj).__name__
+        raise TypeError(f"{what} is neither a transformer module nor a pipeline with a `.transformer` module")
+    return found

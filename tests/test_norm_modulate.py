@@ -278,6 +278,28 @@ def test_rejects_bad_input_with_clear_errors():
         norm_modulate.triton_config(8193)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_fp32_parameters_with_a_low_precision_input(dtype):
+    """Wan's modulation (computed in fp32) and diffusers' kept-fp32 norm weights: the reference equals the
+    same math on the input upcast (parameters read as fp32, one rounding); Triton matches it; the CUDA
+    kernel, which reads parameters in the input dtype, refuses the mix with a message."""
+    t32 = make_inputs(torch.float32, 72, "bsd")
+    x, y = t32["x"].to(dtype), t32["y"].to(dtype)
+    params = {k: t32[k] for k in ("gate", "shift", "scale", "weight", "bias")}
+    h, out = gated_residual_layernorm_modulate(x, y, **params, backend="torch")
+    h32 = (x.float() + params["gate"] * y.float()).to(dtype)
+    normed = F.layer_norm(h32.float(), (72,), params["weight"], params["bias"], eps=1e-6)
+    assert torch.equal(h, h32)
+    assert torch.equal(out, (normed * (1 + params["scale"]) + params["shift"]).to(dtype))
+    require_cpu_kernel("triton")
+    for a, e in zip(gated_residual_layernorm_modulate(x, y, **params, backend="triton"), (h, out)):
+        assert_same_math(a, e, ulps=kernel_ulps("triton", dtype), what=f"triton {dtype} fp32 parameters")
+    with pytest.raises(ValueError, match="gate, shift, scale, weight, bias are float32"):
+        gated_residual_layernorm_modulate(x, y, **params, backend="cuda_emu")
+    with pytest.raises(TypeError, match="y has dtype torch.float32"):
+        gated_residual(x, t32["y"])
+
+
 @pytest.mark.parametrize("backend", ["torch", *CPU_KERNELS])
 def test_zero_rows_give_empty_outputs(backend):
     if backend == "triton":

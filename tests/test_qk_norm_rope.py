@@ -172,6 +172,20 @@ def test_one_row_tables_broadcast_as_in_diffusers(backend, rope):
     assert torch.equal(outs[2], v)
 
 
+@pytest.mark.parametrize("rope", ["interleaved", "half"])
+def test_unaligned_rows_take_the_scalar_path(rope):
+    """Dh 100 (rows 200 bytes apart) in views one element into their buffers: ALIGN 1, every offset
+    computed per element; the same results as the reference."""
+    require_triton()
+    dtype, dim = torch.bfloat16, 100
+    q, k, v = (torch.randn(2 * 5 * 2 * dim + 1).to(dtype)[1:].view(2, 5, 2, dim) for _ in "qkv")
+    cos, sin = tables(dim, rope, rows=5)
+    params = norm_params(dtype, dim, "layer")
+    actual, expected = run_both("triton", q, k, v=v, cos=cos, sin=sin, rope=rope, norm="layer", **params)
+    for a, e in zip(actual, expected):
+        assert_same_math(a, e, ulps=ulps(dtype))
+
+
 def test_diffusers_half_layout_matches_exactly_in_fp32():
     """use_real_unbind_dim=-2 ("half") and -1 ("interleaved") without a norm are the same math as
     diffusers' apply_rotary_emb in fp32."""

@@ -181,7 +181,7 @@ def test_emulated_custom_ops_registration():
     cos, sin = tables(dim, "interleaved", rows=8)
     w = vectors(dtype, dim)
     args = (q, k, v, w["q_weight"], w["k_weight"], w["q_bias"], w["k_bias"], cos, sin)
-    flags = ("layer", "interleaved", True, False, 2, 1e-6)
+    flags = ("layer", "interleaved", True, False, 2, 1e-6, False)  # ..., eps, across_heads
     torch.library.opcheck(functional, (*args, *flags), test_utils=("test_schema", "test_faketensor"))
     no_v = (q, k, None, None, None, None, None, None, None)
     torch.library.opcheck(functional, (*no_v, None, "half", True, True, 0, 1e-6),
@@ -267,7 +267,7 @@ def test_gpu_custom_ops_registration_and_compile():
     q, k, v = qkv(torch.bfloat16, 128, device="cuda")
     cos, sin = tables(128, "interleaved", device="cuda")
     args = (q, k, v, None, None, None, None, cos, sin)
-    flags = (None, "interleaved", True, True, 0, 1e-6)
+    flags = (None, "interleaved", True, True, 0, 1e-6, False)  # ..., eps, across_heads
     torch.library.opcheck(functional, (*args, *flags), test_utils=("test_schema", "test_faketensor"))
     outs = [torch.zeros(2, 16, 2, 128, dtype=torch.bfloat16, device="cuda")[:, 1 : 1 + t.shape[1]] for t in (q, k, v)]
     torch.library.opcheck(into, (*args, *outs, *flags), test_utils=("test_schema", "test_faketensor"))

@@ -60,10 +60,12 @@ def set_timestep(family: str, inputs: dict, t: float) -> None:
 
 
 def tokens(family: str, config, shape: Shape) -> int:
-    """Image tokens of one sample: the latent grid over the transformer's patch size (``config``: the model's
-    config or constructor kwargs; a packing family's shape is the token grid already)."""
+    """Image (video) tokens of one sample: the latent grid over the transformer's patch size, (h, w) or
+    (frames, h, w) (``config``: the model's config or constructor kwargs; a packing family's shape is the
+    token grid already)."""
     patch = 1 if family_named(family).latent_packing > 1 else config["patch_size"]
-    return shape.height * shape.width // patch**2
+    frames, rows, cols = patch if isinstance(patch, (tuple, list)) else (1, patch, patch)
+    return shape.frames // frames * (shape.height // rows) * (shape.width // cols)
 
 
 def prediction_channels(family: str) -> int:

@@ -21,12 +21,14 @@ SIZES = ("tiny", "small", "real")
 @dataclass(frozen=True)
 class Shape:
     """One forward's problem size: latent ``height x width`` (latent pixels before the transformer's own
-    patching; for a family with ``latent_packing`` > 1, the token grid), ``text_len`` text tokens."""
+    patching; for a family with ``latent_packing`` > 1, the token grid), ``text_len`` text tokens, ``frames``
+    latent frames (video families; images have one)."""
 
     batch: int
     height: int
     width: int
     text_len: int = 0
+    frames: int = 1
 
 
 # (config, shape, randn(*size) -> Tensor in the model dtype, dtype) -> one forward's keyword arguments
@@ -53,7 +55,9 @@ class Family:
     [B, C, H, W]). ``text_len(config)``: the text length its pipeline feeds (0: no text).
     ``traffic_shape`` / ``traffic_depth``: the traffic model's real shape and the depth overrides that give
     every block kind twice (the last of each kind is counted). ``parallel_plan``: the context-parallel plan
-    where diffusers has none."""
+    where diffusers has none. ``fp32_modules``: entries of the class's ``_keep_in_fp32_modules`` that are not
+    norms and that the patched path takes in fp32 as diffusers does (patch accepts them in a bf16/fp16 model
+    loaded with those modules kept in fp32; a kept norm is always accepted)."""
 
     name: str
     classes: tuple[type, ...]
@@ -69,6 +73,7 @@ class Family:
     timestep_in_model_dtype: bool = False
     latent_packing: int = 1
     parallel_plan: Optional[Any] = None
+    fp32_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
         missing = set(SIZES) - set(self.configs)

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 from diffusers import FluxTransformer2DModel
-from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
 from diffusers.models.transformers.transformer_flux import (
     FluxAttention,
@@ -56,6 +56,7 @@ from dit_kernels.models.shared import (
     check_type,
     check_unwrapped,
     clip_fp16,
+    diffusers_dispatch_asked,
     feed_forward,
     forwarded_attribute,
     gated_feed_forward,
@@ -300,18 +301,10 @@ class FluxFusedAttnProcessor:
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
         """[B, T + S, H, Dh] -> [B, T + S, H, Dh]: our kernel (context-parallel when configured), or
         diffusers' dispatch (see the class doc; also with the attention op switched off)."""
-        if not self.ops.on("attention") or self._uses_diffusers_dispatch(mask):
+        if not self.ops.on("attention") or diffusers_dispatch_asked(self._attention_backend, mask):
             return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._attention_backend,
                                          parallel_config=self._parallel_config)  # fmt: skip
         return attend(q, k, v, self.ops, parallel_config=self._parallel_config)
-
-    def _uses_diffusers_dispatch(self, mask: Optional[Tensor]) -> bool:
-        active, _ = _AttentionBackendRegistry.get_active_backend()
-        return (
-            self._attention_backend is not None
-            or mask is not None
-            or active != AttentionBackendName.NATIVE
-        )
 
 
 # ----------------------------------------------------------------------------------------- examples

@@ -343,6 +343,16 @@ def eager_qk_norm_rope(q: Tensor, k: Tensor, norm_q: Optional[nn.Module], norm_k
     return q, k
 
 
+def diffusers_dispatch_asked(attention_backend, mask: Optional[Tensor]) -> bool:
+    """Whether a processor of the ``dispatch_attention_fn`` stack (FLUX, Wan) must hand its attention to
+    diffusers: an attention backend set on it (``set_attention_backend``), diffusers' active backend not the
+    default "native" (the ``attention_backend`` context manager, ``DIFFUSERS_ATTN_BACKEND``), or a mask."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    active, _ = _AttentionBackendRegistry.get_active_backend()
+    return attention_backend is not None or mask is not None or active != AttentionBackendName.NATIVE
+
+
 def forwarded_attribute(name: str) -> property:
     """A processor attribute kept on the diffusers processor it wraps (``self.original``; None where that
     has none): a setting made before ``patch`` is honoured, one made while patched survives ``unpatch``

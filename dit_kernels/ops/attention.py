@@ -445,8 +445,9 @@ def attention_backend(
     ``name`` is one of "torch", "triton", "flash_attn", "xformers". With ``backend=None``/"auto": CPU
     tensors -> "torch" (SDPA). CUDA tensors -> flash-attention 3 (Hopper) / 2 when importable, for
     fp16/bf16 without a mask at any head dim up to 256; else (a key-padding mask, or no flash-attention)
-    our Triton kernel; else xformers when importable and no mask; else PyTorch SDPA. An explicit backend that cannot run raises RuntimeError
-    with the reason. Each distinct (name, why) is logged once (logger ``dit_kernels``, INFO)."""
+    our Triton kernel; else xformers when importable and no mask; else PyTorch SDPA. An explicit backend
+    that cannot run raises RuntimeError with the reason. Each distinct (name, why) is logged once (logger
+    ``dit_kernels``, INFO)."""
     _validate(q, k, v)
     _normalize_mask(mask, q, k)
     return _choose(q.device, q.dtype, q.shape[-1], mask is not None, backend)

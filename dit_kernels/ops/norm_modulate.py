@@ -3,7 +3,10 @@
 Shapes: ``x``, ``residual``, ``y`` are [B, S, D] (a plain LayerNorm without modulation or gate takes any
 [..., D]). ``shift``, ``scale``, ``gate`` broadcast over the sequence: [B, D], [B, 1, D] or [B, S, D]
 (any form that expands to [B, S, D], strided views such as ``emb.chunk(6, dim=1)`` included).
-``weight``, ``bias``: [D]. Every tensor has the dtype and device of ``x`` (or ``residual``).
+``weight``, ``bias``: [D]. Every tensor has the dtype and device of ``x`` (or ``residual``), except that the
+parameters (``gate``, ``shift``, ``scale``, ``weight``, ``bias``) may be fp32 with an fp16/bf16 ``x``: they
+are read as fp32 either way (Wan computes its modulation in fp32; diffusers' ``_keep_in_fp32_modules``
+keeps norm weights in fp32). The CUDA kernel takes one dtype and refuses that mix.
 
 Math (all in fp32, one rounding to the input dtype at each output)::
 
@@ -41,6 +44,7 @@ except ImportError:  # triton is a Linux dependency; without it only the torch a
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_DIM = 8192  # one row per tile: BLOCK_D = next_power_of_2(D), 8 fp32 values per thread, <= 32 warps
 MAX_CUDA_DIM = 12288  # the CUDA kernel keeps a row in shared memory: D * 4 bytes <= 48 KiB
+PARAMETERS = ("gate", "shift", "scale", "weight", "bias")  # may be fp32 with a lower-precision input
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -235,6 +239,11 @@ def _launch_native(module, stream: int, x, y, gate, shift, scale, weight, bias, 
     out, h = _allocate(x, y is not None, normalize)
     if x.shape[-1] > MAX_CUDA_DIM and normalize:
         raise ValueError(f"the CUDA norm_modulate kernel takes D <= {MAX_CUDA_DIM}, got D={x.shape[-1]}")
+    params = zip(PARAMETERS, (gate, shift, scale, weight, bias))
+    mixed = [name for name, t in params if t is not None and t.dtype != x.dtype]
+    if mixed:
+        raise ValueError(f"the CUDA norm_modulate kernel reads its parameters in the input dtype {x.dtype}; "
+                         f"{', '.join(mixed)} are float32 (use backend='triton' or 'torch' for that mix)")  # fmt: skip
     x, y, gate, shift, scale, weight, bias = _operands(x, y, gate, shift, scale, weight, bias)
     batch, seq_len, dim = x.tensor.shape
     module.norm_modulate(
@@ -327,8 +336,9 @@ def _validate(base: Tensor, others: dict, vectors: dict, needs_rows: bool) -> No
     for name, t in {**others, **vectors}.items():
         if t is None:
             continue
-        if t.dtype != base.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but the input is {base.dtype}; pass one dtype")
+        if t.dtype != base.dtype and (name == "y" or t.dtype != torch.float32):
+            raise TypeError(f"{name} has dtype {t.dtype} but the input is {base.dtype}; pass one dtype"
+                            f"{'' if name == 'y' else ' (or float32 parameters)'}")  # fmt: skip
         if t.device != base.device:
             raise ValueError(f"{name} is on {t.device} but the input is on {base.device}")
     for name, t in vectors.items():

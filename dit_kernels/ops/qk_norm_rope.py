@@ -507,7 +507,8 @@ def qk_norm_rope(
     outputs = {"out_q": out_q, "out_k": out_k, "out_v": out_v}
     _validate(q, k, v, weights, cos, sin, outputs, norm, rope, seq_offset, rope_q, rope_k)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    cos, sin = (None, None) if cos is None else _broadcast_rows(*rope_tables(cos, sin), seq_offset + max(q.shape[1], k.shape[1]))
+    if cos is not None:
+        cos, sin = _broadcast_rows(*rope_tables(cos, sin), seq_offset + max(q.shape[1], k.shape[1]))
     backend = concrete_backend(backend, q.device)
     args = (q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin)
     flags = (norm, rope, rope_q, rope_k, seq_offset, float(eps))
@@ -551,8 +552,8 @@ def aot_spec(dtype: str, head_dim: int, rope: str = "interleaved", aligned: bool
                   "eps": "fp32"}  # fmt: skip
     flags = {"NORM_Q": 2, "ROTATE_Q": True, "HAS_QW": True, "HAS_QB": True}
     flags |= {"NORM_K": 2, "ROTATE_K": True, "HAS_KW": True, "HAS_KB": True, "HAS_V": True}
-    constexprs = flags | {"HALF": rope == "half", "HEAD_DIM": head_dim, "TABLE_STRIDE": head_dim,
-                          "ALIGN": 8 if aligned else 1, "BLOCK_R": config.block_r, "BLOCK_D": config.block_d}  # fmt: skip
+    constexprs = flags | {"HALF": rope == "half", "HEAD_DIM": head_dim, "TABLE_STRIDE": head_dim}
+    constexprs |= {"ALIGN": 8 if aligned else 1, "BLOCK_R": config.block_r, "BLOCK_D": config.block_d}
     halves_aligned = rope == "interleaved" or (head_dim // 2) % 8 == 0
     return AotSpec.build(
         f"qk_norm_rope[{dtype},{rope},Dh={head_dim},{'aligned' if aligned else 'unaligned'},"
