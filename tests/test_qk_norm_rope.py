@@ -9,7 +9,8 @@ from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embe
 from tolerances import assert_same_math, assert_within_eager_bound
 
 from dit_kernels import backends
-from dit_kernels.ops.qk_norm_rope import _CUSTOM_OPS, qk_norm_rope, rope_tables, triton_config, triton_configs
+from dit_kernels.ops.qk_norm_rope import _CUSTOM_OPS, across_config, across_configs, qk_norm_rope, rope_tables
+from dit_kernels.ops.qk_norm_rope import triton_config, triton_configs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [8, 64, 72, 88, 128]  # tiny configs, SD3, DiT/PixArt, HunyuanDiT, FLUX
@@ -172,6 +173,104 @@ def test_one_row_tables_broadcast_as_in_diffusers(backend, rope):
     assert torch.equal(outs[2], v)
 
 
+# ------------------------------------------------------------------------------- across_heads (Wan)
+
+
+def across_params(dtype, heads, dim, norm):
+    """norm_params over the whole projection: weight / bias of [H * Dh]."""
+    return norm_params(dtype, heads * dim, norm) if norm else {}
+
+
+# The norm and RoPE branches are independent: each (norm, rope) pair below covers one of each kind; Wan
+# 1.3B's 12 x 128 once per pair in bf16 (the interpreter is slow on wide tiles).
+ACROSS_PAIRS = [("rms", "interleaved"), ("layer", "half"), (None, "interleaved"), ("rms", None)]
+ACROSS_CASES = [(dtype, shape, *pair) for dtype, shape, pair in itertools.product(DTYPES, [(3, 8), (5, 24)], ACROSS_PAIRS)]
+ACROSS_CASES += [(torch.bfloat16, (12, 128), *pair) for pair in ACROSS_PAIRS]
+
+
+@pytest.mark.parametrize("case", ACROSS_CASES, ids=lambda c: f"{str(c[0])[6:]}-H{c[1][0]}xDh{c[1][1]}-{c[2]}-{c[3]}")
+def test_triton_across_heads_matches_reference(case):
+    """The whole-projection norm: heads not a power of two (masked chunks), Wan 1.3B's 12 x 128; q and k
+    of different lengths, V copied, a table offset."""
+    require_triton()
+    dtype, (heads, dim), norm, rope = case
+    q, k, v = qkv(dtype, dim, heads=heads, sq=4, sk=7)
+    rope_args = {} if rope is None else dict(zip(("cos", "sin"), tables(dim, rope, rows=16))) | {"rope": rope}
+    actual, expected = run_both("triton", q, k, v=v, norm=norm, seq_offset=3, across_heads=True, **rope_args,
+                                **across_params(dtype, heads, dim, norm))  # fmt: skip
+    for name, a, e in zip("qkv", actual, expected):
+        assert_same_math(a, e, ulps=ulps(dtype), what=f"{name} {case}")
+    assert torch.equal(actual[2], v)
+
+
+def test_triton_across_heads_many_chunks_joint_buffers_and_one_row_table():
+    """Wan 14B's 40 heads (3 chunks of 16) at a small Dh, written at an offset into joint buffers; a one-row
+    table broadcast over the sequence."""
+    require_triton()
+    dtype, heads, dim = torch.bfloat16, 40, 16
+    q, k, v = qkv(dtype, dim, heads=heads, sq=6, sk=6, batch=1)
+    cos, sin = tables(dim, "interleaved", rows=1)
+    params = across_params(dtype, heads, dim, "rms")
+    for backend in ("torch", "triton"):
+        buffers = [torch.full((1, 9, heads, dim), 7.0, dtype=dtype) for _ in range(3)]
+        out = dict(zip(("out_q", "out_k", "out_v"), buffers))
+        written = qk_norm_rope(q, k, v=v, cos=cos, sin=sin, seq_offset=2, across_heads=True, **out, **params,
+                               backend=backend)  # fmt: skip
+        fresh = qk_norm_rope(q, k, v=v, cos=cos.expand(8, -1), sin=sin.expand(8, -1), seq_offset=2,
+                             across_heads=True, **params, backend="torch")  # fmt: skip
+        for w, f in zip(written, fresh):
+            assert_same_math(w, f, ulps=ulps(dtype), what=backend)
+        assert all((b[:, :2] == 7.0).all() and (b[:, 8:] == 7.0).all() for b in buffers)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_wan_attention_prologue_matches_diffusers(backend, dtype):
+    """Wan: torch.nn.RMSNorm(H * Dh) on the whole projection, then the per-head RoPE of WanAttnProcessor
+    (tables with each angle repeated for its pair), in low precision, vs the same in fp32: within 2x
+    eager's error; in fp32 the same math."""
+    if backend == "triton":
+        require_triton()
+    torch.manual_seed(0)
+    heads, dim, seq = 4, 32, 12
+    norm_q, norm_k = torch.nn.RMSNorm(heads * dim, eps=1e-6), torch.nn.RMSNorm(heads * dim, eps=1e-6)
+    with torch.no_grad():
+        norm_q.weight.normal_(1.0, 0.1)
+        norm_k.weight.normal_(1.0, 0.1)
+    q, k, _ = qkv(torch.float32, dim, sq=seq, sk=seq, heads=heads)
+    cos, sin = tables(dim, "interleaved", rows=seq)
+
+    def diffusers_path(q, k, nq, nk):
+        rotated = []
+        for n, x in ((nq, q), (nk, k)):
+            x = n(x.flatten(2)).unflatten(2, (heads, dim))
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            c, s = cos[None, :, None, 0::2], sin[None, :, None, 1::2]
+            out = torch.empty_like(x)
+            out[..., 0::2], out[..., 1::2] = x1 * c - x2 * s, x1 * s + x2 * c
+            rotated.append(out.type_as(x))
+        return rotated
+
+    with torch.no_grad():
+        truth = diffusers_path(q, k, norm_q, norm_k)
+        ours32 = qk_norm_rope(q, k, q_weight=norm_q.weight, k_weight=norm_k.weight, cos=cos, sin=sin,
+                              across_heads=True, backend=backend)  # fmt: skip
+        for o, t in zip(ours32, truth):
+            torch.testing.assert_close(o, t, rtol=1e-5, atol=1e-5)
+        low_q, low_k = norm_q.to(dtype), norm_k.to(dtype)
+        eager = diffusers_path(q.to(dtype), k.to(dtype), low_q, low_k)
+        ours = qk_norm_rope(q.to(dtype), k.to(dtype), q_weight=low_q.weight, k_weight=low_k.weight, cos=cos,
+                            sin=sin, across_heads=True, backend=backend)  # fmt: skip
+    for o, e, t in zip(ours, eager, truth):
+        assert_within_eager_bound(o, e, t, what=f"Wan {backend} {dtype}")
+
+
+def test_every_head_dim_maps_to_an_enumerated_across_config():
+    for dim in (8, 64, 72, 128, 512):
+        config = across_config(dim)
+        assert config in across_configs() and config.block_t * config.block_h * config.block_d == 2048
+
+
 @pytest.mark.parametrize("rope", ["interleaved", "half"])
 def test_unaligned_rows_take_the_scalar_path(rope):
     """Dh 100 (rows 200 bytes apart) in views one element into their buffers: ALIGN 1, every offset
@@ -240,6 +339,8 @@ def test_rejects_bad_input_with_clear_errors():
         qk_norm_rope(q, k, q_weight=torch.ones(16, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"q_weight must have shape \[16\]"):
         qk_norm_rope(q, k, q_weight=torch.ones(8))
+    with pytest.raises(ValueError, match=r"q_weight must have shape \[32\] \(across_heads: H \* Dh = 2 \* 16\)"):
+        qk_norm_rope(q, k, q_weight=torch.ones(16), across_heads=True)
     with pytest.raises(ValueError, match="give all of"):
         qk_norm_rope(q, k, out_q=torch.empty(2, 20, 2, 16))
     with pytest.raises(ValueError, match="do not fit"):
@@ -271,7 +372,7 @@ def test_gpu_triton_custom_ops_under_compile():
     q, k, v = qkv(torch.bfloat16, 128, device="cuda")
     cos, sin = tables(128, "interleaved", device="cuda")
     args = (q, k, v, None, None, None, None, cos, sin)
-    flags = (None, "interleaved", True, True, 0, 1e-6)
+    flags = (None, "interleaved", True, True, 0, 1e-6, False)  # ..., eps, across_heads
     torch.library.opcheck(functional, (*args, *flags), test_utils=("test_schema", "test_faketensor"))
     fn = lambda q, k, v: qk_norm_rope(q, k, v=v, norm=None, cos=cos, sin=sin, backend="triton")  # noqa: E731
     torch._dynamo.reset()

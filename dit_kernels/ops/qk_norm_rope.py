@@ -15,6 +15,10 @@ broadcasts it. V is copied unchanged. With ``out_q``/``out_k``/``out_v``
 ([B, S_total, H, Dh]) the results land at rows ``seq_offset ...`` of those buffers: that is how the
 text and image streams of SD3 ([image, text]) and FLUX ([text, image]) meet in one joint attention
 buffer without ``torch.cat``. One launch handles q, k and v.
+
+``across_heads=True`` normalises each token's q (and k) over all its H * Dh values together instead of
+per head (Wan's ``RMSNorm(heads * head_dim)``, diffusers' "rms_norm_across_heads"), with weight/bias of
+[H * Dh]; the RoPE still rotates each head with the token's table row. Same launch, own kernel.
 """
 
 from __future__ import annotations
@@ -68,13 +72,15 @@ def rotate_pairs(x: Tensor, rope: str) -> Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def _reference_slot(slot: Slot, norm: Optional[str], eps: float, cos, sin, rope: str, seq_offset: int) -> None:
+def _reference_slot(slot: Slot, norm: Optional[str], eps: float, cos, sin, rope: str, seq_offset: int,
+                    across_heads: bool) -> None:  # fmt: skip
     x = slot.source.float()
-    weight, bias = (None if t is None else t.float() for t in (slot.weight, slot.bias))
+    normed = x.shape[-2:] if across_heads else x.shape[-1:]  # [H, Dh] or [Dh]
+    weight, bias = (None if t is None else t.float().view(normed) for t in (slot.weight, slot.bias))
     if slot.normalize and norm == "layer":
-        x = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        x = F.layer_norm(x, normed, weight, bias, eps)
     elif slot.normalize and norm == "rms":
-        x = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+        x = x * torch.rsqrt(x.square().mean(dim=tuple(range(-len(normed), 0)), keepdim=True) + eps)
         x = x if weight is None else x * weight
         x = x if bias is None else x + bias
     if slot.rotate:
@@ -84,9 +90,9 @@ def _reference_slot(slot: Slot, norm: Optional[str], eps: float, cos, sin, rope:
     slot.dest.copy_(x)
 
 
-def _reference(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+def _reference(slots, norm, eps, cos, sin, rope, seq_offset, across_heads) -> None:
     for slot in slots:
-        _reference_slot(slot, norm, eps, cos, sin, rope, seq_offset)
+        _reference_slot(slot, norm, eps, cos, sin, rope, seq_offset, across_heads)
 
 
 # ------------------------------------------------------------------------------------------ Triton
@@ -213,6 +219,110 @@ if triton is not None:
                        HEAD_DIM, TABLE_STRIDE, ALIGN, BLOCK_R, BLOCK_D)  # fmt: skip
 
 
+    @triton.jit
+    def _slot_tokens(
+        pid, x_ptr, x_sb, x_ss, x_sh, o_ptr, o_sb, o_ss, o_sh, w_ptr, b_ptr, cos_ptr, sin_ptr,
+        batch, seq_len, heads, dim, table_stride, rope_offset, eps,
+        NORM: tl.constexpr, ROTATE: tl.constexpr, HALF: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """BLOCK_T tokens (b, s) of one tensor, each normalised over all its H * Dh values: heads in chunks
+        of BLOCK_H, a pass for the mean (layer norm), one for the squares, one that normalises, rotates
+        each head with the token's table row and stores (the token is re-read from L1/L2, not held: Wan
+        14B's 5120 values would not fit a program's registers). Tiles [BLOCK_T, BLOCK_H, BLOCK_D]."""
+        tokens = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_ok = tokens < batch * seq_len
+        tokens = tokens.to(tl.int64)
+        s = tokens % seq_len
+        b = tokens // seq_len
+        x_tok = x_ptr + (b * x_sb + s * x_ss)[:, None, None]
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < dim
+        chunk = tl.arange(0, BLOCK_H)
+        count = heads * dim
+        mean = tl.zeros([BLOCK_T], dtype=tl.float32)
+        rstd = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+        if NORM == 2:
+            total = tl.zeros([BLOCK_T], dtype=tl.float32)
+            for h0 in range(0, heads, BLOCK_H):
+                h = h0 + chunk
+                mask = token_ok[:, None, None] & ((h < heads)[:, None] & col_ok[None, :])[None, :, :]
+                x = tl.load(x_tok + (h.to(tl.int64) * x_sh)[None, :, None] + cols[None, None, :], mask=mask, other=0.0)
+                total += tl.sum(tl.sum(x.to(tl.float32), axis=2), axis=1)
+            mean = total / count
+        if NORM != 0:
+            squares = tl.zeros([BLOCK_T], dtype=tl.float32)
+            for h0 in range(0, heads, BLOCK_H):
+                h = h0 + chunk
+                mask = token_ok[:, None, None] & ((h < heads)[:, None] & col_ok[None, :])[None, :, :]
+                x = tl.load(x_tok + (h.to(tl.int64) * x_sh)[None, :, None] + cols[None, None, :], mask=mask, other=0.0)
+                centred = tl.where(mask, x.to(tl.float32) - mean[:, None, None], 0.0)
+                squares += tl.sum(tl.sum(centred * centred, axis=2), axis=1)
+            rstd = 1.0 / tl.sqrt(squares / count + eps)
+        if ROTATE:
+            if HALF:
+                partner = tl.where(cols < dim // 2, cols + dim // 2, cols - dim // 2)
+                sign = tl.where(cols < dim // 2, -1.0, 1.0)
+            else:
+                partner = cols ^ 1
+                sign = tl.where(cols % 2 == 0, -1.0, 1.0)
+            table = ((rope_offset + s) * table_stride)[:, None, None] + cols[None, None, :]
+            table_ok = token_ok[:, None, None] & col_ok[None, None, :]
+            c = tl.load(cos_ptr + table, mask=table_ok, other=0.0)
+            sn = tl.load(sin_ptr + table, mask=table_ok, other=0.0)
+        for h0 in range(0, heads, BLOCK_H):
+            h = (h0 + chunk).to(tl.int64)
+            head_ok = (h < heads)[:, None] & col_ok[None, :]
+            mask = token_ok[:, None, None] & head_ok[None, :, :]
+            x_head = x_tok + (h * x_sh)[None, :, None]
+            x = tl.load(x_head + cols[None, None, :], mask=mask, other=0.0).to(tl.float32)
+            x = (x - mean[:, None, None]) * rstd[:, None, None]
+            vector = (h * dim)[:, None]  # weight / bias [H * Dh]: this chunk's heads
+            if ROTATE:
+                xp = tl.load(x_head + partner[None, None, :], mask=mask, other=0.0).to(tl.float32)
+                xp = (xp - mean[:, None, None]) * rstd[:, None, None]
+            if HAS_W:
+                x = x * tl.load(w_ptr + vector + cols[None, :], mask=head_ok, other=0.0).to(tl.float32)[None, :, :]
+                if ROTATE:
+                    wp = tl.load(w_ptr + vector + partner[None, :], mask=head_ok, other=0.0).to(tl.float32)
+                    xp = xp * wp[None, :, :]
+            if HAS_B:
+                x = x + tl.load(b_ptr + vector + cols[None, :], mask=head_ok, other=0.0).to(tl.float32)[None, :, :]
+                if ROTATE:
+                    bp = tl.load(b_ptr + vector + partner[None, :], mask=head_ok, other=0.0).to(tl.float32)
+                    xp = xp + bp[None, :, :]
+            if ROTATE:
+                x = x * c + sign[None, None, :] * xp * sn
+            o_head = o_ptr + (b * o_sb + s * o_ss)[:, None, None] + (h * o_sh)[None, :, None]
+            tl.store(o_head + cols[None, None, :], x.to(o_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _qk_norm_rope_across_kernel(
+        q_ptr, q_sb, q_ss, q_sh, qo_ptr, qo_sb, qo_ss, qo_sh, qw_ptr, qb_ptr, q_len,
+        k_ptr, k_sb, k_ss, k_sh, ko_ptr, ko_sb, ko_ss, ko_sh, kw_ptr, kb_ptr, k_len,
+        v_ptr, v_sb, v_ss, v_sh, vo_ptr, vo_sb, vo_ss, vo_sh,
+        cos_ptr, sin_ptr, batch, heads, dim, table_stride, rope_offset, eps,
+        NORM_Q: tl.constexpr, ROTATE_Q: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr,
+        NORM_K: tl.constexpr, ROTATE_K: tl.constexpr, HAS_KW: tl.constexpr, HAS_KB: tl.constexpr,
+        HAS_V: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """``across_heads``: the grid of ``_qk_norm_rope_kernel`` over token tiles (axis 1: q, k or v)."""
+        pid = tl.program_id(0)
+        which = tl.program_id(1)
+        if which == 0:
+            _slot_tokens(pid, q_ptr, q_sb, q_ss, q_sh, qo_ptr, qo_sb, qo_ss, qo_sh, qw_ptr, qb_ptr, cos_ptr, sin_ptr,
+                         batch, q_len, heads, dim, table_stride, rope_offset, eps, NORM_Q, ROTATE_Q, HALF, HAS_QW,
+                         HAS_QB, BLOCK_T, BLOCK_H, BLOCK_D)  # fmt: skip
+        elif which == 1:
+            _slot_tokens(pid, k_ptr, k_sb, k_ss, k_sh, ko_ptr, ko_sb, ko_ss, ko_sh, kw_ptr, kb_ptr, cos_ptr, sin_ptr,
+                         batch, k_len, heads, dim, table_stride, rope_offset, eps, NORM_K, ROTATE_K, HALF, HAS_KW,
+                         HAS_KB, BLOCK_T, BLOCK_H, BLOCK_D)  # fmt: skip
+        elif HAS_V:
+            _slot_tokens(pid, v_ptr, v_sb, v_ss, v_sh, vo_ptr, vo_sb, vo_ss, vo_sh, v_ptr, v_ptr, v_ptr, v_ptr,
+                         batch, k_len, heads, dim, 0, 0, eps, 0, False, HALF, False, False,
+                         BLOCK_T, BLOCK_H, BLOCK_D)  # fmt: skip
+
 @dataclass(frozen=True)
 class TritonConfig:
     """Rows per program and warps for one head dim; every value the rule yields is in triton_configs()."""
@@ -235,13 +345,38 @@ def triton_configs() -> list[TritonConfig]:
     return sorted({triton_config(1 << p) for p in range(MAX_HEAD_DIM.bit_length())}, key=lambda c: c.block_d)
 
 
+@dataclass(frozen=True)
+class AcrossConfig:
+    """``across_heads``: tokens per program, heads per chunk and warps for one head dim (every value the
+    rule yields is in ``across_configs()``)."""
+
+    block_t: int
+    block_h: int
+    block_d: int
+    num_warps: int
+
+
+def across_config(head_dim: int) -> AcrossConfig:
+    """2048-element tiles at 8 fp32 values per thread: chunks of up to 16 heads (Dh 128: one token per
+    program, Wan's 12 / 40 heads in 1 / 3 chunks), several tokens per program for small heads."""
+    block_d = triton_config(head_dim).block_d
+    block_h = min(16, 2048 // block_d)
+    return AcrossConfig(2048 // (block_h * block_d), block_h, block_d, 8)
+
+
+def across_configs() -> list[AcrossConfig]:
+    return sorted({across_config(1 << p) for p in range(MAX_HEAD_DIM.bit_length())}, key=lambda c: c.block_d)
+
+
 def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _launch_triton(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+def _launch_triton(slots, norm, eps, cos, sin, rope, seq_offset, across_heads) -> None:
     from torch.library import wrap_triton
 
+    if across_heads:
+        return _launch_triton_across(slots, norm, eps, cos, sin, rope, seq_offset)
     q, k, *rest = slots
     v = rest[0] if rest else None
     batch, _, heads, dim = q.source.shape
@@ -263,6 +398,27 @@ def _launch_triton(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
     )  # fmt: skip
 
 
+def _launch_triton_across(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+    from torch.library import wrap_triton
+
+    q, k, *rest = slots
+    v = rest[0] if rest else None
+    batch, _, heads, dim = q.source.shape
+    config = across_config(dim)
+    tokens = max(slot.source.shape[1] for slot in slots) * batch
+    table = q.source if cos is None else cos
+    tables = (table, table if sin is None else sin)
+    vs = (_triton_tensor(v.source, 1), _triton_tensor(v.dest, 1)) if v else ((q.source, 0, 0, 0),) * 2
+    wrap_triton(_qk_norm_rope_across_kernel)[(triton.cdiv(tokens, config.block_t), len(slots))](
+        *_triton_slot(q, 1), q.source.shape[1], *_triton_slot(k, 1), k.source.shape[1], *vs[0], *vs[1],
+        *tables, batch, heads, dim, 0 if cos is None else cos.stride(0), seq_offset, eps,
+        NORM_Q=NORMS[norm] if q.normalize else 0, ROTATE_Q=q.rotate, HAS_QW=q.weight is not None,
+        HAS_QB=q.bias is not None, NORM_K=NORMS[norm] if k.normalize else 0, ROTATE_K=k.rotate,
+        HAS_KW=k.weight is not None, HAS_KB=k.bias is not None, HAS_V=v is not None, HALF=rope == "half",
+        BLOCK_T=config.block_t, BLOCK_H=config.block_h, BLOCK_D=config.block_d, num_warps=config.num_warps,
+    )  # fmt: skip
+
+
 def _triton_tensor(t: Tensor, align: int) -> tuple:
     return (t, *(s // align for s in _strides(t)))
 
@@ -280,12 +436,14 @@ def _triton_slot(slot: Slot, align: int):
 MAX_CUDA_HEAD_DIM = 512  # kQkNormRopeMaxHeadDim (csrc/include/dit_kernels/params.h); the binding checks it too
 
 
-def _launch_native(module, stream: int, slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+def _launch_native(module, stream: int, slots, norm, eps, cos, sin, rope, seq_offset, across_heads) -> None:
     """One launch of qk_norm_rope_kernel (csrc/include/dit_kernels/qk_norm_rope.cuh) for all slots."""
     q, k, *rest = slots
     batch, _, heads, dim = q.source.shape
     if dim > MAX_CUDA_HEAD_DIM:
         raise ValueError(f"the CUDA qk_norm_rope kernel takes head_dim <= {MAX_CUDA_HEAD_DIM}, got {dim}")
+    if across_heads:
+        raise ValueError("the CUDA qk_norm_rope kernel normalises per head only (across_heads=False)")
     absent = (0,) * 11 + (False, False)
     module.qk_norm_rope(
         str(q.source.dtype).removeprefix("torch."), batch, heads, dim,
@@ -310,13 +468,13 @@ def _native_slot(slot: Slot) -> tuple:
     )  # fmt: skip
 
 
-def _launch_cuda(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
+def _launch_cuda(slots, norm, eps, cos, sin, rope, seq_offset, across_heads) -> None:
     stream = torch.cuda.current_stream(slots[0].source.device).cuda_stream
-    _launch_native(backends.native_module(), stream, slots, norm, eps, cos, sin, rope, seq_offset)
+    _launch_native(backends.native_module(), stream, slots, norm, eps, cos, sin, rope, seq_offset, across_heads)
 
 
-def _launch_cuda_emu(slots, norm, eps, cos, sin, rope, seq_offset) -> None:
-    _launch_native(backends.emulation_module(), 0, slots, norm, eps, cos, sin, rope, seq_offset)
+def _launch_cuda_emu(slots, norm, eps, cos, sin, rope, seq_offset, across_heads) -> None:
+    _launch_native(backends.emulation_module(), 0, slots, norm, eps, cos, sin, rope, seq_offset, across_heads)
 
 
 # ------------------------------------------------------------------------------------ launcher table
@@ -327,7 +485,7 @@ if triton is not None:
 
 
 def _execute(launch, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, out_q, out_k, out_v,
-             norm, rope, rope_q, rope_k, seq_offset, eps) -> list[Tensor]:  # fmt: skip
+             norm, rope, rope_q, rope_k, seq_offset, eps, across_heads) -> list[Tensor]:  # fmt: skip
     """One launch; returns the written tensors: fresh ones, or ``out_q/out_k/out_v`` (the rows of the
     joint buffers that q, k, v fill) when given."""
     sources = [t for t in (q, k, v) if t is not None]
@@ -342,7 +500,7 @@ def _execute(launch, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, out_
         Slot(k, dests[1], k_weight, k_bias, normalize, rotate and rope_k),
         *([Slot(v, dests[2], None, None, False, False)] if v is not None else []),
     ]
-    launch(slots, norm, eps, cos, sin, rope, seq_offset)
+    launch(slots, norm, eps, cos, sin, rope, seq_offset, across_heads)
     return dests
 
 
@@ -362,20 +520,20 @@ def _register_ops(backend: str, launch):
     def functional(
         q: Tensor, k: Tensor, v: Optional[Tensor], q_weight: Optional[Tensor], k_weight: Optional[Tensor],
         q_bias: Optional[Tensor], k_bias: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
-        norm: Optional[str], rope: str, rope_q: bool, rope_k: bool, seq_offset: int, eps: float,
+        norm: Optional[str], rope: str, rope_q: bool, rope_k: bool, seq_offset: int, eps: float, across_heads: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         outs = _execute(launch, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, None, None, None,
-                        norm, rope, rope_q, rope_k, seq_offset, eps)  # fmt: skip
+                        norm, rope, rope_q, rope_k, seq_offset, eps, across_heads)  # fmt: skip
         return outs[0], outs[1], outs[2] if v is not None else q.new_empty(0)
 
     def into(
         q: Tensor, k: Tensor, v: Optional[Tensor], q_weight: Optional[Tensor], k_weight: Optional[Tensor],
         q_bias: Optional[Tensor], k_bias: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
         out_q: Tensor, out_k: Tensor, out_v: Optional[Tensor], norm: Optional[str], rope: str, rope_q: bool,
-        rope_k: bool, seq_offset: int, eps: float,
+        rope_k: bool, seq_offset: int, eps: float, across_heads: bool,
     ) -> None:  # fmt: skip
         _execute(launch, q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin, out_q, out_k, out_v,
-                 norm, rope, rope_q, rope_k, seq_offset, eps)  # fmt: skip
+                 norm, rope, rope_q, rope_k, seq_offset, eps, across_heads)  # fmt: skip
 
     def functional_fake(q, k, v, *_):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v) if v is not None else q.new_empty(0)
@@ -393,7 +551,8 @@ _CUSTOM_OPS = {backend: _register_ops(backend, launch) for backend, launch in _L
 # ------------------------------------------------------------------------------------ validation
 
 
-def _validate(q, k, v, weights: dict, cos, sin, out: dict, norm, rope, seq_offset, rope_q: bool, rope_k: bool) -> None:
+def _validate(q, k, v, weights: dict, cos, sin, out: dict, norm, rope, seq_offset, rope_q: bool, rope_k: bool,
+              across_heads: bool) -> None:  # fmt: skip
     for name, t in {"q": q, "k": k}.items():
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a [B, S, H, Dh] tensor, got {getattr(t, 'shape', type(t).__name__)}")
@@ -415,9 +574,11 @@ def _validate(q, k, v, weights: dict, cos, sin, out: dict, norm, rope, seq_offse
     for name, t in {"k": k, "v": v, **weights, **out}.items():
         if t is not None and (t.dtype != q.dtype or t.device != q.device):
             raise TypeError(f"{name} is {t.dtype} on {t.device}, but q is {q.dtype} on {q.device}")
+    width = heads * dim if across_heads else dim  # the values one norm covers
     for name, t in weights.items():
-        if t is not None and tuple(t.shape) != (dim,):
-            raise ValueError(f"{name} must have shape [{dim}], got {tuple(t.shape)}")
+        if t is not None and tuple(t.shape) != (width,):
+            scope = f" (across_heads: H * Dh = {heads} * {dim})" if across_heads else ""
+            raise ValueError(f"{name} must have shape [{width}]{scope}, got {tuple(t.shape)}")
     if cos is not None:
         _validate_tables(cos, sin, q, k, seq_offset, rope_q, rope_k)
     _validate_outputs(out, {"out_q": q, "out_k": k, "out_v": v}, seq_offset)
@@ -497,21 +658,23 @@ def qk_norm_rope(
     seq_offset: int = 0,
     v: Optional[Tensor] = None,
     out_v: Optional[Tensor] = None,
+    across_heads: bool = False,
     backend: Optional[str] = None,
 ):
-    """Per-head norm of q and k over Dh, then RoPE (rows ``seq_offset + s`` of cos/sin), V copied along.
+    """Per-head norm of q and k over Dh (``across_heads``: over each token's H * Dh values, weight/bias
+    [H * Dh]), then RoPE (rows ``seq_offset + s`` of cos/sin), V copied along.
 
     Returns ``(q_out, k_out)``, or ``(q_out, k_out, v_out)`` when ``v`` is given: fresh [B, S, H, Dh]
     tensors, or, when the ``out_*`` joint buffers are given, the views of them that were written."""
     weights = {"q_weight": q_weight, "k_weight": k_weight, "q_bias": q_bias, "k_bias": k_bias}
     outputs = {"out_q": out_q, "out_k": out_k, "out_v": out_v}
-    _validate(q, k, v, weights, cos, sin, outputs, norm, rope, seq_offset, rope_q, rope_k)
+    _validate(q, k, v, weights, cos, sin, outputs, norm, rope, seq_offset, rope_q, rope_k, across_heads)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     if cos is not None:
         cos, sin = _broadcast_rows(*rope_tables(cos, sin), seq_offset + max(q.shape[1], k.shape[1]))
     backend = concrete_backend(backend, q.device)
     args = (q, k, v, q_weight, k_weight, q_bias, k_bias, cos, sin)
-    flags = (norm, rope, rope_q, rope_k, seq_offset, float(eps))
+    flags = (norm, rope, rope_q, rope_k, seq_offset, float(eps), bool(across_heads))
     dests = (None,) * 3 if out_q is None else tuple(
         None if t is None else _joint_rows(o, t, seq_offset) for o, t in ((out_q, q), (out_k, k), (out_v, v))
     )
@@ -570,7 +733,7 @@ def aot_specs():
     cases = [(dtype, dim, rope, True) for dtype, dims, rope in itertools.product(
         ("fp32", "bf16"), AOT_HEAD_DIMS.values(), ROPE_LAYOUTS) for dim in dims]  # fmt: skip
     cases += [(dtype, AOT_UNALIGNED_HEAD_DIM, rope, False) for dtype in ("fp32", "bf16") for rope in ROPE_LAYOUTS]
-    return [aot_spec(*case) for case in cases]
+    return [aot_spec(*case) for case in cases] + _across_aot_specs()
 
 
 def _slots_signature(pointer: str) -> dict:
@@ -583,3 +746,24 @@ def _slots_signature(pointer: str) -> dict:
         if name != "v":
             signature |= {f"{name}w_ptr": pointer, f"{name}b_ptr": pointer, f"{name}_len": "i32"}
     return signature
+
+
+def _across_aot_specs():
+    """``across_heads``: every config ``across_config`` can pick, every feature on, as bf16 with interleaved
+    RoPE (Wan's) and as fp32 with the half layout: each config, dtype and layout compiled at least once for
+    half the compile time of all four pairings (all four fit with 0 spills, at most 136 registers, measured
+    with ``python -m dit_kernels.aot -k qk_norm_rope_across``)."""
+    specs = []
+    for (dtype, half), config in itertools.product((("bf16", False), ("fp32", True)), across_configs()):
+        signature = _slots_signature(f"*{dtype}") | {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "batch": "i32",
+                                                     "heads": "i32", "dim": "i32", "table_stride": "i32",
+                                                     "rope_offset": "i32", "eps": "fp32"}  # fmt: skip
+        flags = {"NORM_Q": 2, "ROTATE_Q": True, "HAS_QW": True, "HAS_QB": True}
+        flags |= {"NORM_K": 2, "ROTATE_K": True, "HAS_KW": True, "HAS_KB": True, "HAS_V": True, "HALF": half}
+        blocks = {"BLOCK_T": config.block_t, "BLOCK_H": config.block_h, "BLOCK_D": config.block_d}
+        name = ",".join(f"{k}={v}" for k, v in blocks.items())
+        specs.append(AotSpec.build(
+            f"qk_norm_rope_across[{dtype},{'half' if half else 'interleaved'},{name},warps={config.num_warps}]",
+            _qk_norm_rope_across_kernel, signature, flags | blocks, num_warps=config.num_warps,
+        ))  # fmt: skip
+    return specs
