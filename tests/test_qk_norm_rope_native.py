@@ -184,7 +184,7 @@ def test_emulated_custom_ops_registration():
     flags = ("layer", "interleaved", True, False, 2, 1e-6, False)  # ..., eps, across_heads
     torch.library.opcheck(functional, (*args, *flags), test_utils=("test_schema", "test_faketensor"))
     no_v = (q, k, None, None, None, None, None, None, None)
-    torch.library.opcheck(functional, (*no_v, None, "half", True, True, 0, 1e-6),
+    torch.library.opcheck(functional, (*no_v, None, "half", True, True, 0, 1e-6, False),
                           test_utils=("test_schema", "test_faketensor"))  # fmt: skip
     buffers = [torch.zeros(2, 7, 1, dim) for _ in range(3)]  # the joint buffers; the op writes the given rows
     outs = [buffers[0][:, 2:4], *(b[:, 4:7] for b in buffers[1:])]
