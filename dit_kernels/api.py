@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from dit_kernels import backends, graphs
-from dit_kernels.cache import StepCache, as_config
+from dit_kernels.cache import CacheConfig, StepCache, as_config
 from dit_kernels.cache import validate as validate_cache
 from dit_kernels.models import family_of, supported_classes
 from dit_kernels.patching import EAGER, OPS, OpBackends, Patcher, find_transformers
@@ -58,9 +58,25 @@ class PatchReport:
 
 
 @dataclass
+class _Arguments:
+    """What ``patch`` was asked for, normalized: ``kernels`` as one switch per op, ``cache`` as a config."""
+
+    kernels: dict[str, bool]
+    backend: str
+    cache: Optional[CacheConfig]
+    cuda_graphs: object
+
+    def differences(self, asked: _Arguments) -> list[str]:
+        """``name=asked (patched with: before)`` for each argument ``asked`` gives differently."""
+        return [f"{f.name}={getattr(asked, f.name)!r} (patched with: {getattr(self, f.name)!r})"
+                for f in fields(self) if getattr(self, f.name) != getattr(asked, f.name)]  # fmt: skip
+
+
+@dataclass
 class _PatchState:
     report: PatchReport
     patcher: Patcher
+    arguments: _Arguments
     cache: Optional[StepCache] = None
 
 
@@ -84,7 +100,9 @@ def patch(
     or "cuda_emu" (the ``_C`` kernel source emulated on CPU; tests only). Raises TypeError for an object
     that is not a supported transformer, ValueError for a model the patcher does not recognise exactly,
     RuntimeError for a backend that cannot run here; in every case the object is left unchanged.
-    Patching an already patched model returns the first report and changes nothing.
+    Patching an already patched model with the same arguments (after normalizing: ``kernels=True`` is every
+    switch on, ``cache=0.1`` is ``CacheConfig(threshold=0.1)``) returns the first report and changes nothing;
+    with other arguments it raises ValueError naming each one that differs (``unpatch`` first).
 
     ``cache``: None (off), a threshold (float) or a ``CacheConfig``: step caching (``dit_kernels.cache``),
     wrapped around whatever the blocks run (fused or eager); given a pipeline, its state resets at each
@@ -119,18 +137,23 @@ def patch(
 def _patch_transformer(transformer: nn.Module, pipe_or_transformer, kernels, backend: str, cache,
                        cuda_graphs) -> PatchReport:  # fmt: skip
     """``patch`` on one transformer (``pipe_or_transformer``: what the user passed, for the scheduler)."""
+    asked = _Arguments(_switches(kernels), backend, as_config(cache), cuda_graphs)
     state = transformer.__dict__.get(_STATE)
-    if state is not None:
+    if state is not None:  # same arguments: nothing to do; others: refused, the first patch stays as it is
+        differences = state.arguments.differences(asked)
+        if differences:
+            raise ValueError(f"{type(transformer).__name__} is already patched, with other arguments: "
+                             f"{'; '.join(differences)}. Call dit_kernels.unpatch first, then patch again")  # fmt: skip
         return state.report
     family = family_of(transformer)
     if family is None:
         raise TypeError(_unsupported(transformer))
     device, dtype = _check_parameters(transformer, family.fp32_modules)
-    switches = _switches(kernels)
+    switches = asked.kernels
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
     graphs.check_option(cuda_graphs)
-    config = as_config(cache)
+    config = asked.cache
     family.validate(transformer)
     if config is not None:
         validate_cache(transformer, family.blocks, config)
@@ -153,7 +176,7 @@ def _patch_transformer(transformer: nn.Module, pipe_or_transformer, kernels, bac
         patcher.undo()
         raise
     report.backends, report.replaced, report.fallbacks = why, patcher.replaced, patcher.fallbacks
-    transformer.__dict__[_STATE] = _PatchState(report, patcher, step_cache)
+    transformer.__dict__[_STATE] = _PatchState(report, patcher, asked, step_cache)
     for item in patcher.fallbacks:
         log.warning("dit_kernels.patch: eager fallback: %s", item)
     return report

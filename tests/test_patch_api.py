@@ -106,6 +106,40 @@ def test_patch_twice_is_noop_and_unpatch_is_exact():
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize(
+    "first, second, named",
+    [({}, {"cache": 0.2}, ["cache=CacheConfig(threshold=0.2", "(patched with: None)"]),
+     ({"cache": 0.1}, {"cache": 0.2}, ["cache=CacheConfig(threshold=0.2"]),
+     ({}, {"backend": "torch"}, ["backend='torch' (patched with: 'auto')"]),
+     ({}, {"kernels": {"rope": False}}, ["kernels={'norm': True, 'rope': False, 'attention': True}"]),
+     ({}, {"cuda_graphs": False, "backend": "torch"}, ["cuda_graphs=False (patched with: 'auto')", "backend='torch'"])],
+    ids=["cache-added", "cache-threshold", "backend", "kernels", "graphs-and-backend"],
+)  # fmt: skip
+def test_patch_twice_with_other_arguments_is_refused_naming_them(first, second, named):
+    model = tiny_model()
+    report = dit_kernels.patch(model, **first)
+    patched = snapshot(model)
+    with pytest.raises(ValueError, match="already patched, with other arguments") as refused:
+        dit_kernels.patch(model, **second)
+    message = str(refused.value)
+    assert all(text in message for text in named) and "unpatch first" in message, message
+    assert message.count("patched with:") == len(second), f"only the differing arguments are named: {message}"
+    assert_unchanged(model, patched)
+    assert dit_kernels.patch_report(model) is report
+    dit_kernels.unpatch(model)
+    dit_kernels.patch(model, **second)  # after unpatch the new arguments apply
+    if "cache" in second:
+        assert dit_kernels.cache_stats(model)["calls"] == []
+
+
+def test_patch_twice_with_equivalent_arguments_is_a_noop():
+    """Arguments compare after normalizing: kernels=True is every switch on, a threshold is its CacheConfig."""
+    model = tiny_model()
+    report = dit_kernels.patch(model, kernels=True, cache=0.1)
+    again = dit_kernels.patch(model, kernels={"norm": True}, cache=dit_kernels.CacheConfig(threshold=0.1))
+    assert again is report
+
+
 def test_pipeline_like_object_is_patched_through_its_transformer():
     class Pipe:
         transformer = tiny_model()
