@@ -244,9 +244,10 @@ def test_refusals_leave_the_model_unchanged(pool):
         assert result["restored"], "disable_parallelism did not restore the model"
 
 
-def test_flux_plan_is_diffusers_own():
-    flux = family_named("flux")
-    assert flux.parallel_plan == flux.classes[0]._cp_plan
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_plan_is_diffusers_own(name):
+    family = family_named(name)
+    assert family.parallel_plan == family.classes[0]._cp_plan
 
 
 def test_refusals_without_a_process_group():
@@ -300,7 +301,7 @@ def _assert_graphs(results: list, name: str, dtype: torch.dtype) -> None:
             f"{what}: {result['block runners']}")  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["flux", "dit"])
+@pytest.mark.parametrize("name", ["flux", "dit", "wan"])  # diffusers' plan, a legacy family, a split at a block
 def test_graph_runner_with_parallel_on_cpu(pool, name):
     """The CUDA-graph runner's logic (eager-replay backend, host-sync audit) around a sharded forward:
     the collectives sit inside the recording, the split before it, nothing syncs the host."""

@@ -74,6 +74,7 @@ from dit_kernels.ops import (
     rope_tables,
 )
 from dit_kernels.ops.qk_norm_rope import rotate_pairs
+from dit_kernels.parallel.plan import gather, split, split_output
 from dit_kernels.patching import BlockLayout, OpBackends, Patcher
 
 NAME = "wan"
@@ -305,4 +306,14 @@ FAMILY = Family(
     traffic_shape=Shape(1, 60, 104, TEXT_CONTEXT, frames=21),  # 480 x 832, 81 frames: 32,760 tokens
     traffic_depth={"num_layers": 2},
     fp32_modules=("rope", "time_embedder", "scale_shift_table"),  # diffusers' fp32 modules besides the norms
+    # diffusers' own plan (WanTransformer3DModel._cp_plan), stated here: the video tokens split at the first
+    # block's input (the patch embedding's output, flattened), the RoPE tables' rows with them, per-token
+    # timesteps (2.2 TI2V, [B, S]) split and 1-D ones whole; the text and I2V's image context stay whole on
+    # every rank (the cross-attention attends locally); the tokens gathered after proj_out
+    parallel_plan={
+        "rope": {0: split_output(1, dims=4), 1: split_output(1, dims=4)},
+        "blocks.0": {"hidden_states": split(1, dims=3)},
+        "proj_out": gather(1, dims=3),
+        "": {"timestep": split(1, dims=2)},
+    },
 )
