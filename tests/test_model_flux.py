@@ -115,6 +115,19 @@ def test_single_blocks_reuse_the_joint_tensor(monkeypatch):
     assert flux._joined(base[:, :3], base[:, 4:]) is not base  # not the two halves: a real cat
 
 
+def test_single_block_projects_out_without_the_concatenation():
+    """proj_out(cat([attn, mlp])) as two GEMMs over proj_out's weight's column blocks, the second accumulating
+    in place: equal to the module on the concatenation (fp32 summation order), no cat; under autograd the
+    module itself."""
+    block = tiny_flux().single_transformer_blocks[0]
+    attn, mlp = torch.randn(2, 5, 32), torch.randn(2, 5, 128)
+    truth = block.proj_out(torch.cat([attn, mlp], dim=2))
+    with torch.no_grad():
+        split = flux._project_out(block, attn, mlp)
+    torch.testing.assert_close(split, truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert flux._project_out(block, attn, mlp).grad_fn is not None  # autograd: the module on the cat
+
+
 # ----------------------------------------------------------------------------------------- fp16 clipping
 
 
@@ -328,8 +341,9 @@ def test_lora_and_fused_projections(prepare):
 
 @pytest.mark.gpu
 def test_gpu_bf16_parity_with_gelu_in_the_gemm_epilogue(monkeypatch):
-    """On CUDA each double block's FeedForward runs proj + tanh-GELU as one torch._addmm_activation (cuBLASLt
-    GELU epilogue: shared.feed_forward); default backends (Triton kernels): within the eager bf16 bound."""
+    """On CUDA each double block's FeedForward and each single block's proj_mlp + act_mlp run as one
+    torch._addmm_activation (cuBLASLt GELU epilogue: shared.linear_gelu_tanh), the single blocks' proj_out as
+    two accumulating GEMMs; default backends (Triton kernels): within the eager bf16 bound."""
     from tolerances import assert_within_eager_bound
 
     epilogues = []
@@ -342,5 +356,6 @@ def test_gpu_bf16_parity_with_gelu_in_the_gemm_epilogue(monkeypatch):
     eager = forward(model, inputs)
     dit_kernels.patch(model)
     ours = forward(model, inputs)
-    assert len(epilogues) == 2 * len(model.transformer_blocks), "image and text FeedForward of each double block"
+    blocks = 2 * len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    assert len(epilogues) == blocks, "image and text FeedForward of each double block, proj_mlp of each single block"
     assert_within_eager_bound(ours, eager, truth, what="flux cuda bf16")

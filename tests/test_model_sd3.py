@@ -144,6 +144,32 @@ def test_projections_write_into_the_joint_buffers_unless_they_cannot(monkeypatch
     assert len(direct) == (len(model.transformer_blocks) if variant == "sd3" else 0), "LoRA layer written around"
 
 
+def test_batch_2_projections_write_each_sample_rows_without_a_bias_copy():
+    """At batch 2 a stream's rows of a joint buffer are one contiguous block per sample: one addmm per sample
+    writes there (bias in the epilogue on CUDA), no baddbmm (which copies the bias into the output first) and
+    no copy; ``project`` reads such row blocks in place the same way."""
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:  # views launch nothing
+                self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    linear, linear_out, x = torch.nn.Linear(8, 6), torch.nn.Linear(6, 3), torch.randn(2, 5, 8)
+    buffer = torch.full((2, 9, 6), float("nan"))
+    with torch.no_grad(), Ops() as ops:
+        shared.linear_into(linear, x, buffer[:, 4:])
+        projected = shared.project(linear_out, buffer[:, 4:])
+    assert [name for name in ops.names if name not in ("empty", "new_empty")] == ["addmm"] * 4, ops.names
+    torch.testing.assert_close(buffer[:, 4:], linear(x), rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert buffer[:, :4].isnan().all()
+    torch.testing.assert_close(projected, linear_out(linear(x)), rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
 def test_chunked_feed_forward_is_reproduced():
     """After enable_forward_chunking (batch-wise chunks of 1) the patched blocks call each FeedForward once
     per sample, as diffusers does, and match eager."""

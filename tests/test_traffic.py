@@ -1,5 +1,5 @@
-"""The traffic model's roofline floor (dit_kernels.bench.traffic.Floor) on hand-built op sequences, and the
-floor and patched traffic of every registered family's blocks against eager's."""
+"""The traffic model's roofline floor (dit_kernels.bench.traffic.Floor) on hand-built op sequences, the GEMM
+side launches it counts, and every registered family's patched blocks against their own floor and eager's."""
 
 import pytest
 import torch
@@ -43,17 +43,67 @@ def test_floor_schedules_independent_ops_late():
     assert floor.bytes == (8 + 8 + 8) * 2  # read x and emb, write modulated
 
 
+def test_bias_copies_of_gemms_without_a_cublaslt_epilogue_are_counted():
+    """ATen copies a GEMM's bias into its output first where cuBLASLt cannot add it in the epilogue: always in
+    baddbmm, in addmm when the output is not a contiguous 2-D tensor; a 1-D bias into a contiguous output
+    and an in-place accumulation copy nothing."""
+    bias, rows, weight = _t(16), _t(8, 4), _t(4, 16)
+    out = _t(8, 16)
+    assert traffic.gemm_side_launches("addmm", (bias, rows, weight), {}, out) == ([], [])
+    assert traffic.gemm_side_launches("addmm", (out, rows, weight), {}, out) == ([], [])  # addmm_
+    strided = _t(8, 32)[:, :16]
+    (copy,), after = traffic.gemm_side_launches("addmm", (bias, rows, weight), {"out": strided}, strided)
+    assert copy[1:] == ([bias], [strided]) and after == []
+    batched = _t(2, 8, 16)
+    assert len(traffic.gemm_side_launches("baddbmm", (bias, _t(2, 8, 4), _t(2, 4, 16)), {}, batched)[0]) == 1
+    assert traffic.gemm_side_launches("baddbmm", (bias, _t(2, 8, 4), _t(2, 4, 16)), {"beta": 0}, batched) == ([], [])
+    assert len(traffic.gemm_side_launches("_addmm_activation", (bias, rows, weight), {"use_gelu": True},
+                                          strided)[1]) == 1  # fmt: skip
+
+
+# HunyuanDiT's long-skip blocks normalise cat([h, skip]): the floor reads both into the LayerNorm, the patched
+# block writes the concatenation first (a two-input norm kernel would close it): 1.17x.
+KNOWN_OVER_FLOOR = {("hunyuan", "HunyuanDiTBlock (long skip)")}
+
+
+@pytest.mark.parametrize("batch", traffic.BATCHES)
 @pytest.mark.parametrize("family", FAMILY_MODULES)
-def test_floor_and_patched_move_less_than_eager(family):
-    """The floor is below eager's traffic, and so is the patched block. (Patched may go below the floor: the
-    floor keeps the GEMMs as they are, and a patcher may make a GEMM write where the next op reads, as the
-    SD3 patcher's projections into the joint attention buffers do.)"""
-    eager, patched = traffic.family_counts(family)
+def test_patched_blocks_within_10_percent_of_their_floor(family, batch):
+    """Every block kind of every family, at batch 1 and 2: the floor (of the patched graph) is a floor
+    (patched moves at least that much) and below eager's traffic, and the patched block is within 1.10x
+    of it, i.e. its launches leave at most 10 % of its non-GEMM traffic to a better fusion."""
+    eager, patched = traffic.family_counts(family, batch=batch)
+    assert eager.keys() == patched.keys()
     for kind in eager:
-        assert 0 < eager[kind].floor.bytes < eager[kind].bytes["other"], kind
-        assert patched[kind].bytes["other"] < eager[kind].bytes["other"], kind
+        moved, floor = patched[kind].bytes["other"], patched[kind].floor.bytes
+        assert 0 < floor <= moved < eager[kind].bytes["other"], kind
+        if (family, kind) in KNOWN_OVER_FLOOR:
+            continue
+        ops = dict(patched[kind].ops)
+        assert moved <= 1.10 * floor, f"{family} {kind} batch {batch}: {moved / floor:.2f}x its floor ({ops})"
 
 
-def test_table_has_a_floor_row_per_block_kind():
+
+def test_sd3_at_batch_2_moves_at_most_twice_its_batch_1_bytes():
+    """A CFG call (batch 2) costs at most two single calls: the projections write into the joint buffers
+    without a pre-copied bias (baddbmm's 6 extra launches per block before)."""
+    one, two = (traffic.family_counts("sd3", batch=b)[1] for b in (1, 2))
+    for kind in one:
+        assert two[kind].total_bytes <= 2 * one[kind].total_bytes, kind
+        assert two[kind].bytes["other"] <= 2 * one[kind].bytes["other"] * 1.001, kind  # 0.1 %: chunk views of [B, 6D]
+        assert not any("bias copied" in op for op in two[kind].ops), dict(two[kind].ops)
+
+
+def test_flux_single_block_copies_neither_v_nor_the_mlp_concatenation():
+    """The single block's non-GEMM launches: its norm, one q/k norm + RoPE without V, its gated residual, the
+    modulation's SiLU; no copy (cat, clone, copy_) and no separate GELU."""
+    _, patched = traffic.family_counts("flux")
+    ops = patched["FluxSingleTransformerBlock"].ops
+    assert not {"cat", "clone", "copy_", "gelu"} & set(ops), dict(ops)
+    assert patched["FluxSingleTransformerBlock"].launches["other"] == 4, dict(ops)
+
+
+def test_table_has_a_floor_row_per_block_kind_and_batch():
     rows = traffic.table(("flux",)).splitlines()
-    assert sum("| floor |" in row for row in rows) == 2 and all("1.00x" in r for r in rows if "| floor |" in r)
+    floors = [row for row in rows if "| floor |" in row]
+    assert len(floors) == 2 * len(traffic.BATCHES) and all("1.00x" in row for row in floors)

@@ -38,14 +38,19 @@ def is_fused_op(func) -> bool:
     return func.namespace == NAMESPACE
 
 
-def fused_launch(func, args, kwargs, out) -> FusedLaunch:
-    """The launch of custom op ``func`` called with ``args``/``kwargs``, returning ``out``: arguments the
-    schema marks as written (``Tensor(a!)``) count as written, the other tensor arguments as read."""
+def fused_operands(func, args, kwargs, out) -> tuple[list, list]:
+    """(read, written) operands of custom op ``func`` called with ``args``/``kwargs``, returning ``out``:
+    arguments the schema marks as written (``Tensor(a!)``) and ``out`` are written, the other arguments read."""
     values = dict(zip((a.name for a in func._schema.arguments), args)) | (kwargs or {})
     written = {a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    read = sum(tensor_bytes(v) for name, v in values.items() if name not in written)
-    mutated = sum(tensor_bytes(v) for name, v in values.items() if name in written)
-    return FusedLaunch(func.overloadpacket.__name__, read, mutated + tensor_bytes(out))
+    read = [v for name, v in values.items() if name not in written]
+    return read, [v for name, v in values.items() if name in written] + [out]
+
+
+def fused_launch(func, args, kwargs, out) -> FusedLaunch:
+    """The launch of custom op ``func`` (its operands: ``fused_operands``)."""
+    read, written = fused_operands(func, args, kwargs, out)
+    return FusedLaunch(func.overloadpacket.__name__, tensor_bytes(read), tensor_bytes(written))
 
 
 class LaunchTracer(TorchDispatchMode):

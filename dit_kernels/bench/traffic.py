@@ -1,33 +1,37 @@
 """Launch and traffic model of one transformer block per family, eager diffusers vs patched, at real shapes.
 
 Nothing runs on a GPU: the model is built on the meta device and each path is walked under a
-``TorchDispatchMode`` that sees every aten op. Eager: every aten op that launches a kernel (views and
-allocations launch none) is one launch that reads its tensor inputs and writes its outputs. Patched: each
-fused op (``dit_kernels.ops``) is one launch with its own inputs and outputs (``LaunchTracer``), the aten
-ops of its reference implementation are not counted, and whatever the patched forward still does in aten
-(the GEMMs, SiLU of the conditioning, ...) is counted like eager's. GEMMs (matmuls, convolutions) and
-attention are listed apart from the rest ("other"): the fused kernels target the other part.
+``TorchDispatchMode`` that sees every aten op. Every aten op that launches a kernel (views and allocations
+launch none) is one launch that reads its tensor inputs and writes its outputs; each fused op
+(``dit_kernels.ops``, one ``dit_kernels::`` custom op under a dispatch mode) is one launch with its own
+operands (``bench.launches.fused_operands``), its insides unseen. GEMMs (matmuls, convolutions) and
+attention are listed apart from the rest ("other"): the fused kernels target the other part. Where ATen's
+CUDA GEMM launches more than the GEMM (``gemm_side_launches``: a bias it copies into the output first, a GELU
+it applies after), those launches are counted as "other". Attention outputs have the layout the GPU kernels
+give them (SDPA: q's layout; ``joint_attention``: contiguous [B, S, H, Dh]), not the meta device's.
 
-The roofline floor of the "other" part (``Floor``, from the eager walk) is what a perfectly fused
-implementation of it must still move with the GEMMs and attention left as they are. Its ops split into
-fusion groups by GEMM depth: each op goes in the group just before the first GEMM/attention launch that
-(directly or through other "other" ops) needs its result, i.e. it is scheduled as late as possible, so
-ops of one group could be one kernel and ops of different groups cannot (a GEMM sits between them). Each
-group reads every tensor it takes from outside the group once (block inputs, parameters, GEMM/attention
-outputs, earlier groups' results) and writes once every tensor needed outside it (by a GEMM, attention, a
-later group, or the block's caller); a tensor passing between ops of one group costs nothing.
-A patched block can go below this floor where it changes what a GEMM writes (SD3's projections written
-straight into the joint attention buffers; on CUDA, the FeedForward GELU in its GEMM's epilogue, which the
-walk asks for explicitly: ``OpBackends(gelu_epilogue=True)``, since its tensors are on the meta device).
+The roofline floor of a path's "other" part (``Floor``, from that path's own ops) is what a perfectly fused
+implementation of it must still move with the path's GEMMs and attention left as they are. Its ops split
+into fusion groups by GEMM depth: each op goes in the group just before the first GEMM/attention launch that
+(directly or through other "other" ops) needs its result, i.e. it is scheduled as late as possible, so ops
+of one group could be one kernel and ops of different groups cannot (a GEMM sits between them). Each group
+reads every tensor it takes from outside the group once (block inputs, parameters, GEMM/attention outputs,
+earlier groups' results) and writes once every tensor needed outside it (by a GEMM, attention, a later
+group, or the block's caller); a tensor passing between ops of one group costs nothing. The table's floor
+is the patched block's: how far the patched launches are from the best fusion of that same graph (a patcher
+that makes GEMMs write where attention reads, as SD3's projections into the joint buffers, changes the graph
+and so the floor).
 
-Each family's real shape and depth are its ``Family.traffic_shape`` / ``traffic_depth``.
-
-``python -m dit_kernels.bench.traffic`` prints the table; the H100 column is the "other" bytes at 3.35 TB/s.
+Each family's real shape and depth are its ``Family.traffic_shape`` / ``traffic_depth``; rows at batch 1 and
+batch 2 (a CFG call). ``python -m dit_kernels.bench.traffic`` prints the table; the last column is the
+"other" bytes at H100 SXM's 3.35 TB/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -37,39 +41,84 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dit_kernels.bench import zoo
+from dit_kernels.bench.launches import fused_operands, is_fused_op
 from dit_kernels.bench.ops import H100_HBM_BYTES_PER_S
-from dit_kernels.bench.launches import LaunchTracer, is_fused_op, tensor_bytes
 from dit_kernels.models import FAMILY_MODULES, family_named
 from dit_kernels.patching import OpBackends, Patcher
 
-# _addmm_activation: a GEMM with its bias + GELU in the epilogue (cuBLASLt), as the SD3 patcher's FeedForward runs.
-GEMM_OPS = {"mm", "addmm", "_addmm_activation", "bmm", "baddbmm", "convolution", "_convolution", "matmul"}
+# _addmm_activation: a GEMM with its bias + GELU in the epilogue (cuBLASLt), as the patchers' FeedForwards run.
+GEMM_OPS = {"mm", "addmm", "addmm_", "_addmm_activation", "bmm", "baddbmm", "baddbmm_", "convolution", "_convolution",
+            "matmul"}  # fmt: skip
 NO_LAUNCH_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
                  "_unsafe_view", "alias", "clone_if_needed", "_local_scalar_dense", "sym_size", "sym_stride"}  # fmt: skip
+BATCHES = (1, 2)  # one sample, and a CFG call's two
+
 
 def category(func) -> str | None:
     """"gemm", "attention", "other", or None for ops that launch no kernel (views, allocations)."""
     name = func.overloadpacket.__name__
-    if func.is_view or name in NO_LAUNCH_OPS or is_fused_op(func):  # fused ops: counted by the LaunchTracer
+    if func.is_view or name in NO_LAUNCH_OPS:
         return None
+    if is_fused_op(func):
+        return "attention" if name.startswith("joint_attention") else "other"
     if name in GEMM_OPS:
         return "gemm"
     return "attention" if "attention" in name else "other"
 
 
+def gemm_side_launches(name: str, args, kwargs, out) -> tuple[list, list]:
+    """The launches ATen's CUDA GEMM (``Blas.cpp``) makes besides the GEMM itself, as (before, after) lists of
+    (name, read, written): ``baddbmm`` with beta != 0 first copies its (broadcast) bias into the output;
+    ``addmm`` / ``_addmm_activation`` do too unless cuBLASLt takes the bias in its epilogue (a contiguous
+    1-D bias, beta 1, a contiguous 2-D output not the bias itself), and without cuBLASLt
+    ``_addmm_activation`` applies its GELU after the GEMM, in place."""
+    if name not in ("addmm", "_addmm_activation", "baddbmm") or kwargs.get("beta", 1) == 0:
+        return [], []
+    bias = args[0]
+    if _same_view(bias, out):  # in place (addmm_): the GEMM accumulates into it, nothing copied
+        return [], []
+    in_epilogue = (
+        name != "baddbmm"
+        and kwargs.get("beta", 1) == 1
+        and bias.is_contiguous()
+        and bias.squeeze().dim() <= 1
+        and out.dim() == 2
+        and out.is_contiguous()
+    )
+    if in_epilogue:
+        return [], []
+    gelu = [(f"{name} GELU after the GEMM", [out], [out])] if kwargs.get("use_gelu", False) else []
+    return [(f"{name} bias copied into the output", [bias], [out])], gelu
+
+
+def _same_view(a, b) -> bool:
+    return (
+        isinstance(a, torch.Tensor)
+        and _storage(a) == _storage(b)
+        and (a.storage_offset(), a.shape, a.stride()) == (b.storage_offset(), b.shape, b.stride())
+    )
+
+
 @dataclass
 class PathCounts:
-    """Launches and bytes per category for one block kind on one path."""
+    """Launches and bytes per category for one block kind on one path, and the path's floor."""
 
     launches: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
     ops: Counter = field(default_factory=Counter)
     floor: "Floor" = field(default_factory=lambda: Floor())
 
-    def add(self, kind: str, name: str, moved: int) -> None:
+    def record(self, kind: str, name: str, read, written) -> None:
+        """One launch of ``kind`` reading ``read`` and writing ``written`` (tensors, nested in tuples, lists,
+        dicts); also seen by the floor."""
         self.launches[kind] += 1
-        self.bytes[kind] += moved
+        self.bytes[kind] += sum(_nbytes(t) for t in (*_tensors(read), *_tensors(written)))
         self.ops[name] += 1
+        self.floor.see(kind, read, written)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
 
 
 @dataclass
@@ -143,13 +192,20 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _keep_largest(sizes: dict, key, t: torch.Tensor) -> None:
-    sizes[key] = max(sizes.get(key, 0), t.numel() * t.element_size())
+    sizes[key] = max(sizes.get(key, 0), _nbytes(t))
 
 
 class _BlockScopedCounter(TorchDispatchMode):
-    """Counts aten launches while a block runs (``current`` set by forward hooks), skipping the insides of
-    SDPA (``_SdpaAsOneLaunch``). A fused op is one custom op here, whose insides no mode sees."""
+    """Counts launches while a block runs (``current`` set by forward hooks), skipping the insides of SDPA
+    (``_SdpaAsOneLaunch``). A fused op is one custom op here, whose insides no mode sees; a
+    ``joint_attention`` result is replaced by a contiguous [B, S, H, Dh] tensor, the layout its GPU
+    backends return (the torch reference's fake is a transposed view, which would cost a copy the GPU
+    never makes)."""
 
     def __init__(self):
         super().__init__()
@@ -160,18 +216,34 @@ class _BlockScopedCounter(TorchDispatchMode):
         return self.current is not None and not self.inside_sdpa
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         kind = category(func)
+        if kind == "attention" and is_fused_op(func):
+            out = torch.empty(out.shape, dtype=out.dtype, device=out.device)
         if kind and self.counting():
-            read = (args, {k: v for k, v in (kwargs or {}).items() if k != "out"})  # out=: written, not read
-            self.current.add(kind, func.overloadpacket.__name__, _moved(*read, out))
-            self.current.floor.see(kind, read, out)
+            self._count(func, kind, args, kwargs, out)
         return out
+
+    def _count(self, func, kind: str, args, kwargs, out) -> None:
+        name = func.overloadpacket.__name__
+        if is_fused_op(func):
+            read, written = fused_operands(func, args, kwargs, out)
+        else:
+            read, written = (args, {k: v for k, v in kwargs.items() if k != "out"}), out  # out=: written, not read
+        before, after = gemm_side_launches(name, args, kwargs, out) if kind == "gemm" else ([], [])
+        for launch in before:
+            self.current.record("other", *launch)
+        self.current.record(kind, name, read, written)
+        for launch in after:
+            self.current.record("other", *launch)
 
 
 class _SdpaAsOneLaunch(TorchFunctionMode):
     """``F.scaled_dot_product_attention`` is one fused kernel on a GPU; on meta/CPU tensors it decomposes
-    into the math path before the dispatch mode sees it. Count it once, as attention."""
+    into the math path before the dispatch mode sees it. Count it once, as attention, with its output in
+    q's layout, as the GPU kernels (flash, memory-efficient, cuDNN) return it: diffusers' [B, H, S, Dh]
+    views of [B, S, H, Dh] projections give a [B, S, H, Dh]-major output, which its reshape then only views."""
 
     def __init__(self, counter: _BlockScopedCounter):
         super().__init__()
@@ -183,15 +255,13 @@ class _SdpaAsOneLaunch(TorchFunctionMode):
         self.counter.inside_sdpa = True
         try:
             out = func(*args, **(kwargs or {}))
+            query = args[0] if args else kwargs["query"]
+            if out.shape == query.shape:
+                out = torch.empty_like(query)
         finally:
             self.counter.inside_sdpa = False
-        self.counter.current.add("attention", "scaled_dot_product_attention", _moved(args, kwargs, out))
-        self.counter.current.floor.see("attention", (args, kwargs), out)
+        self.counter.current.record("attention", "scaled_dot_product_attention", (args, kwargs), out)
         return out
-
-
-def _moved(args, kwargs, out) -> int:
-    return tensor_bytes(list(args)) + tensor_bytes(list((kwargs or {}).values())) + tensor_bytes(out)
 
 
 def block_kind(block: torch.nn.Module) -> str:
@@ -210,24 +280,18 @@ def _blocks(model: torch.nn.Module):
             yield from child
 
 
-def count_blocks(model: torch.nn.Module, inputs: dict, tracer: LaunchTracer | None = None) -> dict[str, PathCounts]:
+def count_blocks(model: torch.nn.Module, inputs: dict) -> dict[str, PathCounts]:
     """Run ``model(**inputs)`` once; per block kind, the counts of its last block of that kind."""
     counter = _BlockScopedCounter()
     results: dict[str, PathCounts] = {}
-    hooks, launches_before = [], [0]
+    hooks = []
 
     def enter(block, *_):
-        kind = block_kind(block)
-        counter.current = results[kind] = PathCounts()  # the last block of each kind is the one kept
-        launches_before[0] = len(tracer.launches) if tracer else 0
+        counter.current = results[block_kind(block)] = PathCounts()  # the last block of each kind is the one kept
 
     def leave(block, _args, output):
         if counter.current is not None:
             counter.current.floor.finish(output)
-        if counter.current is not None and tracer is not None:
-            for launch in tracer.launches[launches_before[0] :]:
-                kind = "attention" if launch.name.startswith("joint_attention") else "other"
-                counter.current.add(kind, launch.name, launch.read_bytes + launch.written_bytes)
         counter.current = None
 
     for block in _blocks(model):
@@ -241,50 +305,62 @@ def count_blocks(model: torch.nn.Module, inputs: dict, tracer: LaunchTracer | No
     return results
 
 
-# The GPU path walked on meta tensors: the reference ops (one launch each, LaunchTracer), GELU epilogues.
+# The GPU path walked on meta tensors: the fused ops as one custom op each (their torch reference's fakes),
+# the FeedForward GELUs in their GEMMs' epilogues.
 GPU_PATH = OpBackends(norm="torch", rope="torch", attention="torch", gelu_epilogue=True)
 
 
-def family_counts(family: str, dtype=torch.bfloat16) -> tuple[dict[str, PathCounts], dict[str, PathCounts]]:
-    """(eager, patched) counts per block kind for ``family`` at its real shape and ``traffic_depth`` (every
-    block kind twice, the last of each counted), on the meta device."""
+@functools.cache
+def family_counts(family: str, dtype=torch.bfloat16, batch: int = 1) -> tuple[dict[str, PathCounts], dict[str, PathCounts]]:
+    """(eager, patched) counts per block kind for ``family`` at its real shape with ``batch`` samples and
+    ``traffic_depth`` (every block kind twice, the last of each counted), on the meta device. Cached: the
+    same walk serves the table and the tests (read-only)."""
     spec = family_named(family)
     with torch.device("meta"):
-        model = spec.build("real", **spec.traffic_depth).to(dtype)
-    inputs = zoo.transformer_inputs(family, model, spec.traffic_shape, dtype, device="meta")
+        model = zoo.to_dtype(spec.build("real", **spec.traffic_depth), dtype)
+    shape = dataclasses.replace(spec.traffic_shape, batch=batch)
+    inputs = zoo.transformer_inputs(family, model, shape, dtype, device="meta")
     eager = count_blocks(model, inputs)
     spec.apply(model, Patcher(GPU_PATH))  # a shape-only model: no public checks
-    with LaunchTracer() as tracer:
-        patched = count_blocks(model, inputs, tracer)
-    return eager, patched
+    return eager, count_blocks(model, inputs)
 
 
-def table(families=FAMILY_MODULES, dtype=torch.bfloat16) -> str:
-    rows = [
-        "| block | tokens | path | GEMM launches | attention launches | other launches | other MB | "
-        "other launches vs eager | other bytes vs eager | other bytes vs floor | other at 3.35 TB/s (us) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+COLUMNS = ("block", "batch", "tokens", "path", "GEMM launches", "attention launches", "other launches", "other MB",
+           "all MB", "other launches vs eager", "other bytes vs eager", "other bytes vs floor",
+           "other at 3.35 TB/s (us)")  # fmt: skip
+
+
+def table(families=FAMILY_MODULES, dtype=torch.bfloat16, batches=BATCHES) -> str:
+    """The markdown table: per family, batch and block kind, the eager, patched and floor rows (the floor
+    of the patched graph)."""
+    rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for family in families:
         tokens = _tokens(family)
-        eager, patched = family_counts(family, dtype)
-        for kind in eager:
-            for path, counts in (("eager", eager[kind]), ("patched", patched[kind])):
-                rows.append(_row(f"{family}: {kind}", tokens, path, counts, eager[kind]))
-            rows.append(_row(f"{family}: {kind}", tokens, "floor", None, eager[kind]))
+        for batch in batches:
+            eager, patched = family_counts(family, dtype, batch)
+            for kind in eager:
+                block = f"{family}: {kind}"
+                floor = patched[kind].floor.bytes
+                rows += [_row(block, batch, tokens, "eager", eager[kind], eager[kind], floor),
+                         _row(block, batch, tokens, "patched", patched[kind], eager[kind], floor),
+                         _row(block, batch, tokens, "floor", None, eager[kind], floor)]  # fmt: skip
     return "\n".join(rows)
 
 
-def _row(block: str, tokens: str, path: str, counts: PathCounts | None, eager: PathCounts) -> str:
-    """One table row; ``counts`` None: the roofline floor (bytes only)."""
-    moved = eager.floor.bytes if counts is None else counts.bytes["other"]
-    launches = ["-"] * 3 if counts is None else [counts.launches[k] for k in ("gemm", "attention", "other")]
-    vs_launches = "-" if counts is None else f"{counts.launches['other'] / max(1, eager.launches['other']):.0%}"
-    return (
-        f"| {block} | {tokens} | {path} | {' | '.join(map(str, launches))} | {moved / 1e6:.1f} | {vs_launches} | "
-        f"{moved / max(1, eager.bytes['other']):.0%} | {moved / max(1, eager.floor.bytes):.2f}x | "
-        f"{moved / H100_HBM_BYTES_PER_S * 1e6:.1f} |"
-    )
+def _row(block: str, batch: int, tokens: str, path: str, counts: PathCounts | None, eager: PathCounts,
+         floor: int) -> str:  # fmt: skip
+    """One table row; ``counts`` None: the patched graph's roofline floor (bytes only)."""
+    moved = floor if counts is None else counts.bytes["other"]
+    cells = [block, batch, tokens, path]
+    if counts is None:
+        cells += ["-"] * 3 + [f"{moved / 1e6:.1f}", "-", "-"]
+    else:
+        cells += [counts.launches[k] for k in ("gemm", "attention", "other")]
+        cells += [f"{moved / 1e6:.1f}", f"{counts.total_bytes / 1e6:.1f}",
+                  f"{counts.launches['other'] / max(1, eager.launches['other']):.0%}"]  # fmt: skip
+    cells += [f"{moved / max(1, eager.bytes['other']):.0%}", f"{moved / max(1, floor):.2f}x",
+              f"{moved / H100_HBM_BYTES_PER_S * 1e6:.1f}"]  # fmt: skip
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def _tokens(family: str) -> str:
@@ -297,9 +373,10 @@ def _tokens(family: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=FAMILY_MODULES, action="append", help="families (default: all patched)")
+    parser.add_argument("--batch", type=int, action="append", help=f"batch sizes (default: {BATCHES})")
     args = parser.parse_args(argv)
-    print("device: meta (shape-only model; no kernel runs), dtype bfloat16, batch 1\n")
-    print(table(args.model or FAMILY_MODULES))
+    print("device: meta (shape-only model; no kernel runs), dtype bfloat16; floor: the patched graph's\n")
+    print(table(args.model or FAMILY_MODULES, batches=tuple(args.batch or BATCHES)))
 
 
 if __name__ == "__main__":

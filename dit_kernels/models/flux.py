@@ -17,8 +17,13 @@ with ``shift, scale, gate = norm.linear(silu(temb)).chunk(3)``::
     j = clip_fp16(gated_residual(j, proj_out(cat(attn(x), act_mlp(proj_mlp(x)))), gate))
     return j[:, :T], j[:, T:]
 
+where ``proj_out(cat(a, m))`` runs as two GEMMs over proj_out's weight's column blocks, the second
+accumulating into the first's output (no concatenation buffer), ``act_mlp(proj_mlp(x))`` on CUDA as one GEMM
+with the GELU in its epilogue, and ``attn`` takes the single stream's V projection as it is (no copy).
+
 Attention (both block kinds): each stream's projections go through one ``qk_norm_rope`` launch (per-head
-RMSNorm of q and k, interleaved RoPE, V copied along) into joint [B, T + S, H, Dh] buffers, text first
+RMSNorm of q and k, interleaved RoPE, V copied along; a single block's one stream keeps its V projection
+as it is) into joint [B, T + S, H, Dh] buffers, text first
 (rows 0..T-1 of the RoPE table, which FLUX builds over ``cat(txt_ids, img_ids)``), image at
 ``seq_offset = T``; no ``torch.cat``. ``pos_embed`` hands the kernels fp32 contiguous tables once per
 transformer call (``rope_tables``), so no block converts them.
@@ -60,9 +65,15 @@ from dit_kernels.models.shared import (
     feed_forward,
     forwarded_attribute,
     gated_feed_forward,
+    gelu_epilogue_on,
+    is_hooked,
+    is_plain_linear,
     joint_buffers,
+    linear_gelu_tanh,
     modulate,
     modulation,
+    plain_inference,
+    project,
 )
 from dit_kernels.ops import gated_residual, rope_tables
 from dit_kernels.parallel.plan import gather, split
@@ -196,23 +207,37 @@ def _single_block_forward(ops: OpBackends):
         shift, scale, gate = modulation(block.norm, temb, 3)
         normed = modulate(residual, block.norm.norm, shift, scale, ops)
         attn = block.attn(hidden_states=normed, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
-        out = block.proj_out(_attn_and_mlp(block, attn, block.proj_mlp(normed)))
+        out = _project_out(block, attn, _mlp(block, normed, ops))
         joint = clip_fp16(gated_residual(residual, out, gate, backend=ops.norm))
         return joint[:, :text_len], joint[:, text_len:]
 
     return forward
 
 
-def _attn_and_mlp(block: FluxSingleTransformerBlock, attn: Tensor, mlp: Tensor) -> Tensor:
-    """``cat([attn, act_mlp(mlp)], dim=2)`` [B, S, D + D_mlp] with the GELU writing its result straight into
-    the concatenation (no separate GELU output read back by the cat: 2 x [B, S, D_mlp] less traffic).
-    Under torch.compile, the module and the cat: the compiler fuses them itself."""
-    if torch.compiler.is_compiling():
-        return torch.cat([attn, block.act_mlp(mlp)], dim=2)
-    joined = attn.new_empty(*attn.shape[:2], attn.shape[2] + mlp.shape[2])
-    joined[..., : attn.shape[2]] = attn
-    torch.ops.aten.gelu.out(mlp, approximate=block.act_mlp.approximate, out=joined[..., attn.shape[2] :])
-    return joined
+def _mlp(block: FluxSingleTransformerBlock, normed: Tensor, ops: OpBackends) -> Tensor:
+    """``act_mlp(proj_mlp(normed))`` [B, S, D_mlp]: one GEMM with the tanh GELU in its epilogue where that
+    applies (``gelu_epilogue_on``: CUDA, eager inference; a plain biased ``proj_mlp``), else the modules."""
+    proj, act = block.proj_mlp, block.act_mlp
+    fits = is_plain_linear(proj) and proj.bias is not None and act.approximate == "tanh" and not is_hooked(act)
+    return linear_gelu_tanh(proj, normed) if fits and gelu_epilogue_on(normed, ops) else act(proj(normed))
+
+
+def _project_out(block: FluxSingleTransformerBlock, attn: Tensor, mlp: Tensor) -> Tensor:
+    """``proj_out(cat([attn, mlp], dim=2))`` [B, S, D] for attn [B, S, D], mlp [B, S, D_mlp]. A plain
+    ``proj_out`` at eager inference runs without the concatenation: with its weight's column blocks
+    ``W = [W_a | W_m]``, ``out = attn @ W_a^T + bias`` (bias in the epilogue), then ``out += mlp @ W_m^T``
+    by a second GEMM accumulating in place (beta 1), so neither the attention output nor the GELU is
+    copied into a [B, S, D + D_mlp] buffer (2 x that buffer's traffic saved; the GEMM output is read once
+    more instead). Otherwise (LoRA, autograd, torch.compile: the compiler fuses the cat) the module on the cat."""
+    proj = block.proj_out
+    if not (is_plain_linear(proj) and plain_inference(attn)):
+        return proj(torch.cat([attn, mlp], dim=2))
+    width = attn.shape[2]
+    weight = proj.weight.t()  # [D + D_mlp, D]; row blocks of it are the column blocks of W, read in place
+    rows = attn.reshape(-1, width)
+    out = torch.mm(rows, weight[:width]) if proj.bias is None else torch.addmm(proj.bias, rows, weight[:width])
+    out.addmm_(mlp.flatten(0, 1), weight[width:])
+    return out.unflatten(0, attn.shape[:2])
 
 
 def _joined(txt: Tensor, img: Tensor) -> Tensor:
@@ -296,7 +321,7 @@ class FluxFusedAttnProcessor:
             return out
         text_len = encoder_hidden_states.shape[1]
         txt, img = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
-        return attn.to_out[1](attn.to_out[0](img.contiguous())), attn.to_add_out(txt.contiguous())
+        return attn.to_out[1](project(attn.to_out[0], img)), project(attn.to_add_out, txt)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
         """[B, T + S, H, Dh] -> [B, T + S, H, Dh]: our kernel (context-parallel when configured), or

@@ -68,8 +68,10 @@ from dit_kernels.models.shared import (
     gated_feed_forward,
     is_plain_linear,
     joint_buffers,
+    linear_into,
     modulate,
     plain_inference,
+    project,
 )
 from dit_kernels.ops import gated_residual
 from dit_kernels.parallel.plan import gather, split_output
@@ -256,8 +258,8 @@ class SD3FusedAttnProcessor:
             q, k, v = joint_buffers([_stream(attn, x, names) for x, names in inputs], attn.heads, self.ops)
         out = attend(q, k, v, self.ops, parallel_config=self._parallel_config).flatten(2)
         img, txt = out.split_with_sizes([hidden_states.shape[1], encoder_hidden_states.shape[1]], dim=1)
-        img = attn.to_out[1](attn.to_out[0](img))
-        return img, txt if attn.context_pre_only else attn.to_add_out(txt)
+        img = attn.to_out[1](project(attn.to_out[0], img))
+        return img, txt if attn.context_pre_only else project(attn.to_add_out, txt)
 
 
 def _stream(attn: Attention, x: Tensor, names: tuple[str, ...]) -> Stream:
@@ -278,7 +280,8 @@ def _projects_into_buffers(attn: Attention, x: Tensor) -> bool:
 
 
 def _projected_joint_buffers(attn: Attention, inputs) -> tuple[Tensor, Tensor, Tensor]:
-    """Joint q, k, v [B, S + T, H, Dh] filled by the streams' projection GEMMs themselves (no copy)."""
+    """Joint q, k, v [B, S + T, H, Dh] filled by the streams' projection GEMMs themselves (``linear_into``: no
+    copy, the bias in the GEMM's epilogue, one GEMM per sample when B > 1)."""
     first = inputs[0][0]
     batch, total = first.shape[0], sum(x.shape[1] for x, _ in inputs)
     weight = attn.to_q.weight
@@ -287,22 +290,9 @@ def _projected_joint_buffers(attn: Attention, inputs) -> tuple[Tensor, Tensor, T
     for x, names in inputs:
         rows = slice(offset, offset + x.shape[1])
         for buffer, name in zip(buffers, names[:3]):
-            _linear_into(getattr(attn, name), x, buffer[:, rows])
+            linear_into(getattr(attn, name), x, buffer[:, rows])
         offset += x.shape[1]
     return tuple(buffer.unflatten(-1, (attn.heads, -1)) for buffer in buffers)
-
-
-def _linear_into(linear: nn.Linear, x: Tensor, out: Tensor) -> None:
-    """``out = linear(x)`` for x [B, S, Din] into ``out`` [B, S, Dout] (rows contiguous, a slice of a joint
-    buffer): one GEMM (addmm; baddbmm for B > 1) writing there."""
-    weight = linear.weight.t()
-    if x.shape[0] == 1:
-        x, out = x[0], out[0]
-        gemm = torch.mm if linear.bias is None else functools.partial(torch.addmm, linear.bias)
-    else:
-        weight = weight.expand(x.shape[0], -1, -1)
-        gemm = torch.bmm if linear.bias is None else functools.partial(torch.baddbmm, linear.bias)
-    gemm(x, weight, out=out)
 
 
 # ----------------------------------------------------------------------------------------- examples

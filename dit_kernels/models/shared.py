@@ -140,12 +140,17 @@ def feed_forward(ff: nn.Module, x: Tensor, ops: OpBackends) -> Tensor:
     once and never re-read by a GELU kernel), then ``ff``'s own Dropout and output Linear."""
     if not gelu_fits_epilogue(ff, x, ops):
         return ff(x)
-    proj = ff.net[0].proj
-    hidden = torch._addmm_activation(proj.bias, x.flatten(0, -2), proj.weight.t(), use_gelu=True)
-    hidden = hidden.unflatten(0, x.shape[:-1])
+    hidden = linear_gelu_tanh(ff.net[0].proj, x)
     for module in ff.net[1:]:
         hidden = module(hidden)
     return hidden
+
+
+def linear_gelu_tanh(proj: nn.Linear, x: Tensor) -> Tensor:
+    """``gelu_tanh(proj(x))`` [..., Dout] as one ``torch._addmm_activation`` GEMM (on CUDA cuBLASLt's GELU_BIAS
+    epilogue: the activation is written once, never re-read by a GELU kernel). ``proj``: a plain biased Linear."""
+    hidden = torch._addmm_activation(proj.bias, x.flatten(0, -2), proj.weight.t(), use_gelu=True)
+    return hidden.unflatten(0, x.shape[:-1])
 
 
 def block_feed_forward(block: nn.Module, ff: nn.Module, ops: OpBackends) -> Callable[[Tensor], Tensor]:
@@ -167,15 +172,20 @@ def gelu_fits_epilogue(ff: nn.Module, x: Tensor, ops: OpBackends) -> bool:
 
     act = ff.net[0] if type(ff) is FeedForward else None
     return (
-        (x.device.type == "cuda" if ops.gelu_epilogue is None else ops.gelu_epilogue)
-        and type(act) is GELU
+        type(act) is GELU
         and act.approximate == "tanh"
         and is_plain_linear(act.proj)
         and act.proj.bias is not None
         and not is_hooked(ff)
         and not is_hooked(act)
-        and plain_inference(x)
+        and gelu_epilogue_on(x, ops)
     )
+
+
+def gelu_epilogue_on(x: Tensor, ops: OpBackends) -> bool:
+    """Whether a tanh GELU may run in its GEMM's epilogue for input ``x``: ``ops.gelu_epilogue`` (None: on
+    CUDA tensors, where ``_addmm_activation``'s GELU is the tanh one) and eager inference."""
+    return (x.device.type == "cuda" if ops.gelu_epilogue is None else ops.gelu_epilogue) and plain_inference(x)
 
 
 def plain_inference(x: Tensor) -> bool:
@@ -189,6 +199,31 @@ def plain_inference(x: Tensor) -> bool:
 
 def is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not is_hooked(module)
+
+
+def linear_into(linear: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
+    """``out[...] = linear(x)`` for x [B, S, Din] and out [B, S, Dout] whose samples are each a contiguous
+    block of rows (slices of joint buffers), without a copy: one GEMM writing ``out`` when both are
+    contiguous (or B is 1), else one GEMM per sample. The bias goes in cuBLASLt's epilogue (``addmm`` of a
+    1-D bias into a contiguous 2-D output), never pre-copied into the output as ``baddbmm`` does.
+    ``linear``: a plain nn.Linear (its weight read in place)."""
+    weight = linear.weight.t()
+    whole = x.is_contiguous() and out.is_contiguous()
+    for rows, dest in [(x.flatten(0, 1), out.flatten(0, 1))] if whole else zip(x, out):
+        if linear.bias is None:
+            torch.mm(rows, weight, out=dest)
+        else:
+            torch.addmm(linear.bias, rows, weight, out=dest)
+    return out
+
+
+def project(linear: nn.Module, x: Tensor) -> Tensor:
+    """``linear(x)`` for x [B, S, Din] whose samples are contiguous row blocks of a larger buffer (a stream's
+    rows of a joint attention output): a plain Linear at eager inference runs one GEMM per sample on the
+    rows in place (``linear_into``) where ``F.linear`` would first copy ``x`` contiguous; else the module."""
+    if x.is_contiguous() or not is_plain_linear(linear) or not plain_inference(x):
+        return linear(x)
+    return linear_into(linear, x, x.new_empty(*x.shape[:-1], linear.out_features))
 
 
 def is_hooked(module: nn.Module) -> bool:
@@ -307,24 +342,29 @@ def joint_buffers(
     streams: Sequence[Stream], num_heads: int, ops: OpBackends, rope: Optional[tuple[Tensor, Tensor]] = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The joint q, k, v [B, S_total, H, Dh] of ``streams`` (in order): one ``qk_norm_rope`` launch per
-    stream normalises and rotates its q and k and writes q, k, v at the stream's offset (rope op off:
-    diffusers' norm modules and ``apply_rotary_emb`` on the stream's table rows, copied in)."""
+    stream normalises and rotates its q and k and writes q, k and v at the stream's offset (rope op off:
+    diffusers' norm modules and ``apply_rotary_emb`` on the stream's table rows, copied in). A single
+    stream's v is its projection itself (a [B, S, H, Dh] view, of a fused QKV projection too): not copied."""
     batch, head_dim = streams[0].query.shape[0], streams[0].query.shape[-1] // num_heads
     total = sum(s.query.shape[1] for s in streams)
     like = streams[0].query
-    q, k, v = (like.new_empty(batch, total, num_heads, head_dim) for _ in range(3))
+    q, k = (like.new_empty(batch, total, num_heads, head_dim) for _ in range(2))
+    single = len(streams) == 1
+    v = split_heads(streams[0].value, num_heads) if single else like.new_empty(batch, total, num_heads, head_dim)
     cos, sin = rope if rope is not None else (None, None)
     offset = 0
     for s in streams:
         heads = [split_heads(t, num_heads) for t in (s.query, s.key, s.value)]
         rows = slice(offset, offset + s.query.shape[1])
+        values = {} if single else {"v": heads[2], "out_v": v}
         if ops.on("rope"):
-            qk_norm_rope(heads[0], heads[1], v=heads[2], **qk_norm_kwargs(s.norm_q, s.norm_k), cos=cos, sin=sin,
-                         out_q=q, out_k=k, out_v=v, seq_offset=offset, backend=ops.rope)  # fmt: skip
+            qk_norm_rope(heads[0], heads[1], **values, **qk_norm_kwargs(s.norm_q, s.norm_k), cos=cos, sin=sin,
+                         out_q=q, out_k=k, seq_offset=offset, backend=ops.rope)  # fmt: skip
         else:
             table = None if rope is None else tuple(t if t.shape[0] == 1 else t[rows] for t in rope)
             q[:, rows], k[:, rows] = eager_qk_norm_rope(heads[0], heads[1], s.norm_q, s.norm_k, table)
-            v[:, rows] = heads[2]
+            if not single:
+                v[:, rows] = heads[2]
         offset += s.query.shape[1]
     return q, k, v
 
