@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -170,6 +171,21 @@ def _forward_on(model, inputs) -> np.ndarray:
         return model(**inputs, return_dict=False)[0].float().cpu().numpy()
 
 
+def pipeline_pair_task() -> dict:
+    """A pipeline holding two transformers (Wan 2.2 A14B's ``transformer`` and ``transformer_2``): both
+    sharded on one mesh by one call; each one's output and its single-process one."""
+    first, inputs = _model_and_inputs("wan")
+    torch.manual_seed(1)
+    second = family_named("wan").build("tiny")
+    pipe = types.SimpleNamespace(transformer=copy.deepcopy(first), transformer_2=copy.deepcopy(second),
+                                 components={"transformer": None, "transformer_2": None})  # fmt: skip
+    config = dit_kernels.enable_parallelism(pipe, ulysses_degree=2)
+    dit_kernels.patch(pipe)
+    return {"one config": pipe.transformer._parallel_config is pipe.transformer_2._parallel_config is config,
+            "outputs": [(_forward(model, inputs), _forward(parallel, inputs))
+                        for model, parallel in ((first, pipe.transformer), (second, pipe.transformer_2))]}  # fmt: skip
+
+
 def refusal_task() -> dict:
     """Each refusal's message, and whether the model stayed as it was."""
     model, inputs = _model_and_inputs("flux")
@@ -230,6 +246,13 @@ def test_cache_decides_the_same_on_every_rank(pool, name):
         changes = [(e["change"], s["change"]) for e, s in zip(trace, single_trace) if s["change"] is not None]
         assert all(abs(got - want) <= 1e-5 * want for got, want in changes), f"{name} rank {rank}: {changes}"
         _assert_fp32_close(latents, single_latents, f"{name} rank {rank}")
+
+
+def test_a_pipelines_transformers_share_one_mesh(pool):
+    for rank, result in enumerate(pool.run(pipeline_pair_task)):
+        assert result["one config"]
+        for index, (truth, out) in enumerate(result["outputs"]):
+            _assert_fp32_close(out, truth, f"rank {rank} transformer {index + 1}")
 
 
 def test_refusals_leave_the_model_unchanged(pool):

@@ -41,7 +41,7 @@ from torch.utils.hooks import RemovableHandle
 from dit_kernels.models import families, family_of
 from dit_kernels.parallel.plan import Plan
 from dit_kernels.parallel.sharding import apply_plan, check_plan
-from dit_kernels.patching import find_transformer
+from dit_kernels.patching import find_transformer, find_transformers
 
 _STATE = "_dit_kernels_parallel"
 # The process-group backend that moves tensors of each device type.
@@ -59,7 +59,8 @@ class _ParallelState:
 
 
 def enable_parallelism(pipe_or_transformer, *, ulysses_degree: int = 1, ring_degree: int = 1) -> ParallelConfig:
-    """Shard ``pipe_or_transformer``'s transformer over every rank of the default process group:
+    """Shard ``pipe_or_transformer``'s transformer (a pipeline's every transformer: Wan 2.2 A14B's
+    ``transformer_2`` too, on the same mesh) over every rank of the default process group:
     ``ulysses_degree`` x ``ring_degree`` must equal the world size (and exceed 1). Call it on every rank,
     with the same model and arguments, after ``torch.distributed.init_process_group`` ("gloo" for CPU
     tensors, "nccl" for CUDA; under ``torchrun`` the environment gives rank and world size); before or after
@@ -70,16 +71,25 @@ def enable_parallelism(pipe_or_transformer, *, ulysses_degree: int = 1, ring_deg
     process-group backend that cannot move the model's tensors, or a model that is already parallel;
     RuntimeError when torch.distributed is not initialized. In every case nothing has changed. A sequence
     length the ranks do not divide is refused at the forward that brings it (ValueError on every rank)."""
-    transformer = find_transformer(pipe_or_transformer)
-    plan = _plan_of(transformer)
-    device = _check(transformer, ulysses_degree, ring_degree)
+    transformers = [module for _, module in find_transformers(pipe_or_transformer)]
+    plans = [_plan_of(transformer) for transformer in transformers]
+    devices = {_check(transformer, ulysses_degree, ring_degree) for transformer in transformers}
+    if len(devices) != 1:
+        raise ValueError(f"the pipeline's transformers are on {sorted(map(str, devices))}; put them on one device")
+    device = devices.pop()
     mesh = init_device_mesh(device.type, (ring_degree, ulysses_degree), mesh_dim_names=("ring", "ulysses"))
     config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=ring_degree,
                                                                           ulysses_degree=ulysses_degree, mesh=mesh))
     config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)
+    for transformer, plan in zip(transformers, plans):
+        _enable(transformer, plan, config)
+    return config
+
+
+def _enable(transformer: nn.Module, plan: Plan, config: ParallelConfig) -> None:
+    """One transformer's settings and hooks (the module docstring's list), recorded for ``disable_parallelism``."""
     attentions = _attentions(transformer)
-    processors = [(m.processor, m.processor._parallel_config if hasattr(m.processor, "_parallel_config") else None)
-                  for _, m in attentions]  # fmt: skip
+    processors = [(m.processor, getattr(m.processor, "_parallel_config", None)) for _, m in attentions]
     for processor, _ in processors:
         processor._parallel_config = config
     state = _ParallelState(config, attentions, [], processors)
@@ -87,25 +97,24 @@ def enable_parallelism(pipe_or_transformer, *, ulysses_degree: int = 1, ring_deg
     state.handles += apply_plan(transformer, plan, config.context_parallel_config._flattened_mesh)
     transformer._parallel_config = config
     transformer.__dict__[_STATE] = state
-    return config
 
 
 def disable_parallelism(pipe_or_transformer) -> None:
-    """Undo ``enable_parallelism`` on this rank (hooks, processor settings, the transformer's config); the
+    """Undo ``enable_parallelism`` on this rank (hooks, processor settings, the transformers' config); the
     process groups stay. A transformer that is not parallel is left as is."""
-    transformer = find_transformer(pipe_or_transformer)
-    state = transformer.__dict__.pop(_STATE, None)
-    if state is None:
-        return
-    for handle in state.handles:
-        handle.remove()
-    for processor, before in state.processors:
-        processor._parallel_config = before
-    transformer._parallel_config = None
+    for _, transformer in find_transformers(pipe_or_transformer):
+        state = transformer.__dict__.pop(_STATE, None)
+        if state is None:
+            continue
+        for handle in state.handles:
+            handle.remove()
+        for processor, before in state.processors:
+            processor._parallel_config = before
+        transformer._parallel_config = None
 
 
 def parallel_config(pipe_or_transformer) -> Optional[ParallelConfig]:
-    """The ``ParallelConfig`` ``enable_parallelism`` set on this transformer, or None."""
+    """The ``ParallelConfig`` ``enable_parallelism`` set on this transformer (a pipeline's first), or None."""
     state = find_transformer(pipe_or_transformer).__dict__.get(_STATE)
     return None if state is None else state.config
 
