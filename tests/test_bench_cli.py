@@ -6,7 +6,7 @@ import json
 import pytest
 
 import dit_kernels
-from dit_kernels.bench import traffic
+from dit_kernels.bench import timing, traffic
 from dit_kernels.bench.__main__ import main
 
 
@@ -14,10 +14,18 @@ def test_main_job_writes_table_json_and_plot(tmp_path, capsys):
     main(["--model", "flux", "--config", "tiny", "--size", "64", "--steps", "2", "--repeats", "1", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "device: CPU" in printed and "| eager diffusers |" in printed and "| patched |" in printed
+    assert "| IQR % | vs eager | vs eager interval |" in printed and "repeats: 1 rounds" in printed
+    assert "- patched ops: norm = " in printed and "{" not in printed, "the ops line is words, not a dict"
+    assert "- warning: 1 round: no spread measured" in printed
     payload = json.loads((tmp_path / "results.json").read_text())
     eager, patched, cached = payload["rows"]  # by default a cache row at the default threshold
     assert cached["path"] == f"patched + cache {dit_kernels.CacheConfig().threshold:g}"
     assert eager["vs eager"] == 1.0 and patched["ms/step"] > 0 and cached["blocks evaluated"] > 0
+    ran, asked = payload["setting"], payload["requested"]
+    assert (ran["device"], ran["dtype"], ran["config"], ran["rounds"]) == ("cpu", "float32", "tiny", 1)
+    assert asked["device"] is None and asked["dtype"] is None, "requested: the command line as given"
+    assert ran["ops"]["norm"].startswith("torch") and set(payload["timing"]["load"]) >= {"before", "after", "cpus"}
+    assert [len(payload["timing"]["paths"][row["path"]]["samples_ms"]) for row in payload["rows"]] == [1, 1, 1]
     assert patched["max-abs vs fp32"] < 1e-4, "fp32 patched loop must track the fp32 eager loop"
     assert (tmp_path / "results.md").read_text().startswith("device: CPU")
     try:
@@ -28,9 +36,12 @@ def test_main_job_writes_table_json_and_plot(tmp_path, capsys):
         assert (tmp_path / "results.png").stat().st_size > 0
 
 
-def test_cache_none_leaves_the_cache_row_out(capsys):
-    main(["--model", "dit", "--config", "tiny", "--steps", "2", "--repeats", "1", "--cache", "none"])
-    assert "patched + cache" not in capsys.readouterr().out
+def test_cache_none_leaves_the_cache_row_out_and_default_rounds_reach_the_minimum(capsys):
+    """No --repeats: at least timing.MIN_REPEATS rounds (--budget 0: exactly that many), an interval per row."""
+    main(["--model", "dit", "--config", "tiny", "--steps", "2", "--budget", "0", "--cache", "none"])
+    printed = capsys.readouterr().out
+    assert "patched + cache" not in printed and f"repeats: {timing.MIN_REPEATS} rounds" in printed
+    assert "distribution-free 94% interval" in printed  # 5 rounds: min..max covers 1 - 2/32
 
 
 def test_cache_rows_report_blocks_evaluated_and_quality(tmp_path, capsys):

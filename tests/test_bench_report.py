@@ -21,14 +21,15 @@ def test_wrap_header_breaks_between_fields_only():
     assert wrap_header("a single field " + "x" * 200) == "a single field " + "x" * 200  # too long: left whole
 
 
-def test_plot_title_and_labels_lie_inside_the_figure():
+@pytest.mark.parametrize("spans", [None, [(2.8, 3.6), (1.0, 1.9)]], ids=["bars", "bars-with-IQR"])
+def test_plot_title_and_labels_lie_inside_the_figure(spans):
     pytest.importorskip("matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure = plot(ROWS, HEADER)
+    figure = plot(ROWS, HEADER, spans)
     try:
         renderer = figure.canvas.get_renderer()
         figure.draw(renderer)

@@ -3,8 +3,11 @@
 A denoising loop of one family's transformer (random weights, built from a config: no download): eager
 diffusers, ``dit_kernels.patch``-ed, patched + step cache (--cache; by default at the default threshold),
 patched + CUDA graphs (--cuda-graphs, CUDA only) and torch.compile (--compile); same process, same inputs,
-interleaved repetitions after a warm-up, medians. Prints a markdown table with the device it ran on;
-``--out DIR`` also writes results.md, results.json and results.png (matplotlib, optional).
+interleaved rounds after a warm-up (``bench.timing``: at least 5, until a time budget). Prints a markdown
+table (median ms/step, IQR, the ratio vs eager with an interval), the noise level and machine load, and
+warnings where the noise makes a ratio meaningless; ``--out DIR`` also writes results.md, results.json (what
+ran: resolved device, dtype, config and op backends; every sample; the load) and results.png (matplotlib,
+optional).
 Op-level tables: ``python -m dit_kernels.bench.op_table``; the launch/traffic model of each family's
 blocks at real shapes: ``python -m dit_kernels.bench.traffic``.
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dit_kernels.bench import e2e, parallel
+from dit_kernels.bench import e2e, parallel, timing
 from dit_kernels.cache import CacheConfig
 from dit_kernels.bench.report import device_name, markdown, write
 from dit_kernels.models import DEFAULT_FAMILY, FAMILY_MODULES
@@ -47,7 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a patched + step-cache row per threshold (dit_kernels.CacheConfig(threshold=T); default: "
                         f"the default threshold {CacheConfig().threshold}; none: no cache row)")  # fmt: skip
     parser.add_argument("--cuda-graphs", action="store_true", help="add a patched + CUDA graphs row (CUDA only)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path, interleaved (default 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (one run of each path, interleaved; "
+                        f"default: at least {timing.MIN_REPEATS}, then until --budget seconds)")
+    parser.add_argument("--budget", type=float, default=timing.BUDGET_S, metavar="SECONDS",
+                        help=f"timed seconds after which rounds stop, unless --repeats (default {timing.BUDGET_S:g})")
     parser.add_argument("--out", type=Path, default=None, help="write results.md, results.json, results.png here")
     parser.add_argument("--parallel", type=parallel.degrees, default=None, metavar="ulysses=N[,ring=M]",
                         help="under torchrun: patched paths sharded over the ranks vs one process (bench/parallel.py)")
@@ -56,32 +62,51 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    requested = dict(vars(args))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     args.config = args.config or ("small" if device.type == "cuda" else "tiny")
     setting = e2e.Setting(args.model, args.config, args.size, args.batch, args.steps, DTYPES[dtype_name], str(device))
-    if args.parallel:
+    if args.parallel:  # fixed rounds: every rank must time the same number
+        args.repeats = args.repeats or timing.MIN_REPEATS
         return parallel.run(args, setting)
     unavailable = []
-    graphed = args.cuda_graphs and device.type == "cuda"
-    if args.cuda_graphs and not graphed:
+    args.cuda_graphs = args.cuda_graphs and device.type == "cuda"
+    if requested["cuda_graphs"] and not args.cuda_graphs:
         unavailable.append(f"--cuda-graphs row skipped: CUDA graphs are unavailable on {device.type} (no CUDA device)")
-    timed = args.repeats * (2 + args.compile + graphed + len(args.cache) * (1 + graphed))
-    with tqdm(total=timed, desc="timed runs", leave=False) as bar:
-        result = e2e.run(setting, repeats=args.repeats, compile_=args.compile, backend=args.backend,
-                         cuda_graphs=graphed, caches=args.cache, progress=bar.update)  # fmt: skip
+    with tqdm(desc="timed runs", leave=False) as bar:
+        result = e2e.run(setting, repeats=args.repeats, budget_s=args.budget, compile_=args.compile,
+                         backend=args.backend, cuda_graphs=args.cuda_graphs, caches=args.cache,
+                         progress=bar.update)  # fmt: skip
     header = (
         f"device: {device_name(device)} | model: {args.model} ({args.config}) | dtype: {dtype_name} | "
-        f"image {args.size}px, batch {args.batch}, tokens {result['tokens']} | steps: {args.steps} | repeats: "
-        f"{args.repeats} (medians, interleaved, warm-up excluded) | torch {torch.__version__}"
+        f"image {args.size}px, batch {args.batch}, tokens {result['tokens']} | steps: {args.steps} | "
+        f"{result['timing'].describe()} | torch {torch.__version__}"
     )
     table = markdown(result["rows"], header)
     notes = result["notes"] + unavailable
     print("\n" + table + "".join(f"\n- {note}" for note in notes))
+    print("".join(f"- warning: {line}\n" for line in result["warnings"]), end="")
     if args.out:
-        payload = {"header": header, "setting": vars(args), "rows": result["rows"], "notes": notes}
-        for note in write(args.out, table, payload, result["rows"], header):
+        measured = result["timing"]
+        payload = {"header": header, "setting": _what_ran(args, setting, result), "requested": requested,
+                   "rows": result["rows"], "notes": notes, "warnings": result["warnings"],
+                   "timing": measured.as_dict(base=result["rows"][0]["path"])}  # fmt: skip
+        quartiles = [measured.spread(row["path"]) for row in result["rows"]]
+        spans = [(q.q1 / args.steps, q.q3 / args.steps) for q in quartiles]
+        for note in write(args.out, table, payload, result["rows"], header, spans):
             print(f"- {note}")
+
+
+def _what_ran(args: argparse.Namespace, setting: e2e.Setting, result: dict) -> dict:
+    """The resolved setting for results.json: the device, dtype, config and op backends that ran (not the
+    command line's defaults), the rounds timed and the torch version."""
+    return {"model": args.model, "config": args.config, "size": args.size, "batch": args.batch, "steps": args.steps,
+            "dtype": str(setting.dtype).removeprefix("torch."), "device": setting.device,
+            "device_name": device_name(torch.device(setting.device)), "backend": args.backend, "ops": result["ops"],
+            "compile": args.compile, "cuda_graphs": args.cuda_graphs, "cache": list(args.cache),
+            "rounds": result["timing"].rounds, "budget_s": None if args.repeats else args.budget,
+            "torch": torch.__version__}  # fmt: skip
 
 
 def _thresholds(text: str) -> tuple[float, ...]:

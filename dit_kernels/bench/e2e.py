@@ -1,5 +1,7 @@
 """End-to-end benchmark: a denoising loop of one family's transformer, eager diffusers vs patched (and
-torch.compile when asked), same process, same inputs, interleaved repetitions, warm-up excluded.
+torch.compile when asked), same process, same inputs, warm-up excluded, timed in interleaved rounds by
+``bench.timing`` (median and IQR per row, the ratio vs eager with an interval, warnings where noise makes a
+figure meaningless).
 
 The loop is a plain Euler flow-matching sampler (``x += (t_next - t) * prediction``, t from 1000 to 0)
 around the transformer alone: the text encoders and the VAE are not part of what ``patch`` changes, so
@@ -17,17 +19,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import itertools
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 import dit_kernels
-from dit_kernels.bench import zoo
+from dit_kernels.bench import timing, zoo
 from dit_kernels.graphs import graph_runners
 from dit_kernels.models import family_named
 
@@ -84,16 +85,6 @@ def denoise(model: Callable, family: str, inputs: dict, steps: int) -> torch.Ten
     return latents.float()
 
 
-def _time_ms(fn: Callable, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
-
-
 def psnr(got: torch.Tensor, truth: torch.Tensor) -> float:
     """20 log10(range(truth) / rmse): inf when equal."""
     mse = (got.double() - truth.double()).pow(2).mean().item()
@@ -107,13 +98,13 @@ def build_paths(setting: Setting, compile_: bool, backend: str, cuda_graphs: boo
     cached rows share the eager model's weight tensors: no copy)."""
     torch.manual_seed(0)
     truth_model = zoo.build(setting.family, setting.config).to(setting.device)
-    eager = copy.deepcopy(truth_model).to(setting.dtype)
+    eager = zoo.to_dtype(copy.deepcopy(truth_model), setting.dtype)
     paths = [Path("eager diffusers", eager)]
     if compile_:
         paths.append(Path("torch.compile", torch.compile(eager)))
     patched = _sharing_weights(eager)
     report = dit_kernels.patch(patched, backend=backend, cuda_graphs=False)
-    paths.append(Path("patched", patched, note=f"ops: {report.backends}"))
+    paths.append(Path("patched", patched, note=ops_line(report.backends)))
     if cuda_graphs:
         graphed = copy.deepcopy(eager)
         dit_kernels.patch(graphed, backend=backend, cuda_graphs=True)
@@ -131,10 +122,18 @@ def _sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def run(setting: Setting, *, repeats: int, compile_: bool = False, backend: str = "auto", cuda_graphs: bool = False,
-        caches: Sequence[float] = (), progress=None) -> dict:  # fmt: skip
-    """Time every path ``repeats`` times, interleaved, after one warm-up each (which captures the CUDA
-    graphs of the graphed path); errors vs fp32 eager."""
+def ops_line(backends: dict[str, str]) -> str:
+    """The patch report's op backends as one line: ``patched ops: norm = torch: ...; rope = ...``."""
+    return "patched ops: " + "; ".join(f"{op} = {why}" for op, why in backends.items())
+
+
+def run(setting: Setting, *, repeats: Optional[int] = None, budget_s: float = timing.BUDGET_S,
+        compile_: bool = False, backend: str = "auto", cuda_graphs: bool = False, caches: Sequence[float] = (),
+        progress=None) -> dict:  # fmt: skip
+    """Time every path after one warm-up each (which captures the CUDA graphs of the graphed path) with
+    ``timing.measure`` (``repeats`` rounds, or its default: at least 5 and until ``budget_s``); errors vs
+    fp32 eager. Returns the table's rows, the token count, notes, warnings, the ``timing.Timing`` and the
+    patched row's op backends."""
     truth_model, paths = build_paths(setting, compile_, backend, cuda_graphs, caches)
     shape = setting.shape(truth_model)
     inputs = zoo.transformer_inputs(setting.family, truth_model, shape, setting.dtype, setting.device)
@@ -143,19 +142,16 @@ def run(setting: Setting, *, repeats: int, compile_: bool = False, backend: str 
     if setting.dtype != torch.float32:
         truth_inputs = zoo.transformer_inputs(setting.family, truth_model, shape, torch.float32, setting.device)
         truth = denoise(truth_model, setting.family, truth_inputs, setting.steps)
-    times: dict[str, list[float]] = {p.label: [] for p in paths}
-    for _ in range(repeats):
-        for p in paths:
-            times[p.label].append(_time_ms(lambda: p.denoise(setting, inputs), setting.device))
-            if progress:
-                progress()
-    eager_ms = statistics.median(times[paths[0].label])
+    runs = {p.label: functools.partial(p.denoise, setting, inputs) for p in paths}
+    measured = timing.measure(runs, repeats=repeats, budget_s=budget_s, device=setting.device, progress=progress)
+    eager = paths[0].label
     blocks = sum(len(m) for m in truth_model.children() if isinstance(m, torch.nn.ModuleList))
     rows = []
     for p in paths:
-        median = statistics.median(times[p.label])
+        spread, ratio = measured.spread(p.label), measured.ratio(eager, p.label)
         rows.append({
-            "path": p.label, "ms/step": median / setting.steps, "vs eager": eager_ms / median,
+            "path": p.label, "ms/step": spread.median / setting.steps, "IQR %": round(100 * spread.iqr_fraction, 1),
+            "vs eager": ratio.median, "vs eager interval": f"{ratio.low:.3g}..{ratio.high:.3g}",
             "blocks evaluated": blocks * setting.steps if p.cache is None else _last_call(p)["blocks_computed"],
             "max-abs vs fp32": (outputs[p.label] - truth).abs().max().item(),
             "PSNR vs fp32 (dB)": psnr(outputs[p.label], truth),
@@ -163,7 +159,12 @@ def run(setting: Setting, *, repeats: int, compile_: bool = False, backend: str 
     tokens = zoo.tokens(setting.family, truth_model.config, shape)
     notes = [p.note for p in paths if p.note] + [_graphs_note(p) for p in paths if graph_runners(p.model)]
     notes += [_cache_note(p) for p in paths if p.cache is not None]
-    return {"rows": rows, "tokens": f"{tokens}+{shape.text_len}" if shape.text_len else str(tokens), "notes": notes}
+    coverage = measured.ratio(eager, eager).coverage  # the same for every row: same rounds
+    notes.append(f"vs eager: median of the per-round ratios; interval: its distribution-free {coverage:.0%} interval")
+    patched = next(p for p in paths if p.label == "patched")
+    return {"rows": rows, "tokens": f"{tokens}+{shape.text_len}" if shape.text_len else str(tokens), "notes": notes,
+            "warnings": measured.warnings(eager), "timing": measured,
+            "ops": dit_kernels.patch_report(patched.model).backends}  # fmt: skip
 
 
 def _graphs_note(path: Path) -> str:

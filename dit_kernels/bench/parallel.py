@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import dit_kernels
-from dit_kernels.bench import e2e, zoo
+from dit_kernels.bench import e2e, timing, zoo
 from dit_kernels.bench.report import device_name, markdown
 from dit_kernels.parallel.enable import PROCESS_GROUP_BACKENDS
 
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, setting: e2e.Setting) -> None:
         for label, *pair in paths:
             for i, path in enumerate(pair):
                 dist.barrier()
-                times[label, i].append(e2e._time_ms(lambda: path.denoise(setting, inputs), setting.device))
+                times[label, i].append(timing.time_ms(lambda: path.denoise(setting, inputs), setting.device))
     mine = {key: statistics.median(t) / setting.steps for key, t in times.items()}
     ranks = [None] * world
     dist.all_gather_object(ranks, mine)

@@ -37,7 +37,8 @@ def wrap_header(header: str, width: int = TITLE_WIDTH) -> str:
     return "\n".join(lines)
 
 
-def write(out: Path, table: str, payload: dict, plot_rows: list[dict] | None = None, title: str = "") -> list[str]:
+def write(out: Path, table: str, payload: dict, plot_rows: list[dict] | None = None, title: str = "",
+          spans: list[tuple[float, float]] | None = None) -> list[str]:  # fmt: skip
     """results.md, results.json and (matplotlib permitting) results.png in ``out``; returns notes."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
@@ -51,25 +52,30 @@ def write(out: Path, table: str, payload: dict, plot_rows: list[dict] | None = N
         import matplotlib.pyplot as plt
     except ImportError:
         return ["results.png not written: matplotlib is not installed (pip install 'dit-kernels[plot]')"]
-    figure = plot(plot_rows, title)
+    figure = plot(plot_rows, title, spans)
     figure.savefig(out / "results.png", dpi=120)
     plt.close(figure)
     return []
 
 
-def plot(rows: list[dict], title: str):
+def plot(rows: list[dict], title: str, spans: list[tuple[float, float]] | None = None):
     """A matplotlib figure: one bar per row (``path``, ``ms/step``), its ``vs eager`` ratio printed after
-    it, ``title`` (the header line) wrapped to the figure's width above."""
+    it, ``spans`` (each row's (low, high), e.g. its quartiles) as error bars, ``title`` (the header line)
+    wrapped to the figure's width above."""
     import matplotlib.pyplot as plt
 
     title = wrap_header(title)
     lines = title.count("\n") + 1
     figure, axis = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.3 + 0.15 * lines), layout="constrained")
-    axis.barh([row["path"] for row in rows], [row["ms/step"] for row in rows], color="#4a7fb5")
+    widths = [row["ms/step"] for row in rows]
+    errors = None if spans is None else [[w - low for w, (low, _) in zip(widths, spans)],
+                                         [high - w for w, (_, high) in zip(widths, spans)]]  # fmt: skip
+    axis.barh([row["path"] for row in rows], widths, xerr=errors, color="#4a7fb5", ecolor="#333333", capsize=3)
     for y, row in enumerate(rows):
-        axis.text(row["ms/step"], y, f" {row['vs eager']:.2f}x", va="center")
+        end = row["ms/step"] if spans is None else max(row["ms/step"], spans[y][1])
+        axis.text(end, y, f" {row['vs eager']:.2f}x", va="center")
     axis.margins(x=0.15)  # room for the ratio printed after the longest bar
     axis.invert_yaxis()
-    axis.set_xlabel("ms per denoising step (median)")
+    axis.set_xlabel("ms per denoising step (median" + ("; error bars: IQR)" if spans else ")"))
     figure.suptitle(title, fontsize=8)  # the figure's width, not the axes': the labels take the left part
     return figure

@@ -11,18 +11,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dit_kernels.log_filters import without_records
 from dit_kernels.models import FAMILY_MODULES, Shape, family_named
 
 FAMILIES = FAMILY_MODULES
 
-__all__ = ["FAMILIES", "Shape", "build", "default_text_len", "transformer_inputs", "set_timestep", "tokens",
-           "prediction_channels"]  # fmt: skip
+__all__ = ["FAMILIES", "Shape", "build", "to_dtype", "default_text_len", "transformer_inputs", "set_timestep",
+           "tokens", "prediction_channels"]  # fmt: skip
 
 
 def build(family: str, size: str = "tiny", **overrides) -> torch.nn.Module:
     """The family's transformer from its ``size`` config with ``overrides``, in eval mode, on the current
     default device (``with torch.device("meta"): build(...)`` makes a weightless one)."""
     return family_named(family).build(size, **overrides)
+
+
+def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model.to(dtype)`` without diffusers' "should be kept in float32: []" warning, which its ``to`` logs on
+    every dtype cast even when the model keeps no module in fp32 (the empty list); a non-empty list is logged."""
+    with without_records("diffusers.models.modeling_utils", "should be kept in float32: []."):
+        return model.to(dtype)
 
 
 def default_text_len(family: str, config) -> int:

@@ -41,6 +41,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.hunyuan_transformer_2d import AdaLayerNormShift, HunyuanDiTBlock
 from torch import Tensor, nn
 
+from dit_kernels.log_filters import without_records
 from dit_kernels.models.family import Family, Shape
 from dit_kernels.models.shared import (
     FusedAttnProcessor,
@@ -127,7 +128,11 @@ def inputs(config, shape: Shape, randn: Callable, dtype: torch.dtype) -> dict:
     """HunyuanDiTPipeline's transformer call: latents [B, C, H, W], Bert and T5 text of the config's lengths
     (samples after the first padded), the pipeline's 2-D RoPE tables, t in the latents' dtype."""
     from diffusers.models.embeddings import get_2d_rotary_pos_embed
-    from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+
+    # the pipeline's module imports transformers' CLIPImageProcessor: its "requires torchvision" notice does
+    # not apply to this function (no image is processed)
+    with without_records("transformers.utils.import_utils", "requires torchvision (not installed)"):
+        from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
 
     b, patch = shape.batch, config.patch_size
     grid = (shape.height // patch, shape.width // patch)
