@@ -8,6 +8,7 @@ single-process result itself (the truth) and then the parallel one. Outputs come
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 import types
@@ -33,6 +34,11 @@ CASES = {name: (name, {}) for name in FAMILY_MODULES} | {
 MODES = {"ulysses": (2, 1), "ring": (1, 2)}
 # Batch 2 (the sequence chunks are strided views); 8 x 8 latents (FLUX: tokens) and 6 text tokens: both even.
 SHAPE = zoo.Shape(2, 8, 8, 6)
+VIDEO = ("wan", "latte")  # their shapes get 3 frames: attention across frames, Latte's temporal blocks
+
+
+def shape_of(name: str, shape: zoo.Shape = SHAPE) -> zoo.Shape:
+    return dataclasses.replace(shape, frames=3) if name in VIDEO else shape
 STEPS = 8
 # Random weights move the head residual 3-40 % per step (tiny configs): 0.5 skips some steps of every family.
 CACHE = dit_kernels.CacheConfig(threshold=0.5, warmup_steps=1, final_steps_computed=1)
@@ -58,7 +64,7 @@ def gpu_pool():
 def _model_and_inputs(name: str, **overrides):
     torch.manual_seed(0)
     model = family_named(name).build("tiny", **overrides)
-    return model, zoo.transformer_inputs(name, model, SHAPE, torch.float32)
+    return model, zoo.transformer_inputs(name, model, shape_of(name), torch.float32)
 
 
 def _forward(model, inputs) -> np.ndarray:
@@ -99,17 +105,25 @@ def parity_task(name: str, overrides: dict, ulysses: int, ring: int) -> dict:
     dit_kernels.enable_parallelism(parallel_first, **degrees)
     unpatched = copy.deepcopy(parallel_first)
     dit_kernels.patch(parallel_first)
-    seen = []  # the image tokens the first block gets on this rank
-    first_block = family_named(name).blocks.blocks(parallel_first)[0]
-    first_block.register_forward_pre_hook(lambda block, args, kwargs: seen.append(
-        kwargs.get("hidden_states", args[0] if args else None).shape[1]), with_kwargs=True)  # fmt: skip
+    seen = {}  # the tokens the first block gets, in one process and on this rank
+    for label, whole in (("whole", model), ("shard", parallel_first)):
+        family_named(name).blocks.blocks(whole)[0].register_forward_pre_hook(_record_tokens(seen, label),
+                                                                             with_kwargs=True)  # fmt: skip
     outputs = {"patch, then enable_parallelism": _forward(patched_first, inputs),
                "enable_parallelism, then patch": _forward(parallel_first, inputs)}  # fmt: skip
     dit_kernels.unpatch(parallel_first)
-    return {"truth": _forward(model, inputs), "outputs": outputs, "block tokens": seen[0],
-            "tokens": zoo.tokens(name, model.config, SHAPE),
+    return {"truth": _forward(model, inputs), "outputs": outputs, "block tokens": seen,
             "unpatched": _outcome(lambda: _forward(unpatched, inputs)),
             "unpatch keeps the shards": _outcome(lambda: _forward(parallel_first, inputs))}  # fmt: skip
+
+
+def _record_tokens(seen: dict, label: str):
+    """A block pre-hook that keeps the length of the first ``hidden_states`` it gets as ``seen[label]``."""
+
+    def hook(block, args, kwargs) -> None:
+        seen.setdefault(label, kwargs.get("hidden_states", args[0] if args else None).shape[1])
+
+    return hook
 
 
 def cache_task(name: str, ulysses: int, ring: int) -> dict:
@@ -142,7 +156,7 @@ def graphs_task(name: str, dtype_name: str) -> dict:
     graphed = copy.deepcopy(eager)
     dit_kernels.enable_parallelism(graphed, ulysses_degree=dist.get_world_size())
     dit_kernels.patch(graphed, cuda_graphs=graphs)
-    shapes = [SHAPE, zoo.Shape(2, 8, 12, 4)] * 2
+    shapes = [shape_of(name), shape_of(name, zoo.Shape(2, 8, 12, 4))] * 2
     forwards = []
     for step, shape in enumerate(shapes):
         inputs = zoo.transformer_inputs(name, eager, shape, dtype, device, seed=step)
@@ -158,7 +172,8 @@ def graphs_task(name: str, dtype_name: str) -> dict:
             dit_kernels.enable_parallelism(model, ulysses_degree=dist.get_world_size())
         dit_kernels.patch(model, cache=CACHE, **options)
         with dit_kernels.cache_session(model, num_steps=STEPS):
-            latents = e2e.denoise(model, name, zoo.transformer_inputs(name, model, SHAPE, torch.float32, device), STEPS)
+            inputs = zoo.transformer_inputs(name, model, shape_of(name), torch.float32, device)
+            latents = e2e.denoise(model, name, inputs, STEPS)
         trace = [entry["decision"] for entry in dit_kernels.cache_stats(model)["calls"][-1]["trace"]]
         cached[label] = (latents.cpu().numpy(), trace)
     return {"forwards": forwards, "stats": dict(runner.stats), "failed": list(runner.failed),
@@ -221,7 +236,8 @@ def test_parallel_matches_one_process(pool, name, mode):
     every rank, whose blocks see half the tokens; unpatch leaves the parallel model running (diffusers'
     processors where they reach the parallel attention, else a ValueError asking for patch)."""
     for rank, result in enumerate(pool.run(parity_task, *CASES[name], *MODES[mode])):
-        assert result["block tokens"] == result["tokens"] // 2, f"{name} {mode} rank {rank}: blocks see no shard"
+        tokens = result["block tokens"]
+        assert tokens["shard"] * 2 == tokens["whole"], f"{name} {mode} rank {rank}: blocks see no shard: {tokens}"
         for label, out in result["outputs"].items():
             _assert_fp32_close(out, result["truth"], f"{name} {mode} rank {rank} {label}")
         for label in ("unpatched", "unpatch keeps the shards"):

@@ -5,7 +5,8 @@ order with ``dit_kernels.patch``.
 After every check has passed (nothing changes before), on each rank:
 
 - the (ring, ulysses) device mesh and diffusers' ``ParallelConfig``, kept where diffusers keeps it
-  (``transformer._parallel_config``) and given to every attention processor (``processor._parallel_config``):
+  (``transformer._parallel_config``) and given to every attention processor over the split sequence
+  (``processor._parallel_config``; not to those the plan marks ``local()``):
   diffusers' own processors (FLUX, Wan) dispatch through it; dit_kernels' fused processors read it, also
   from the diffusers processor they wrap, so a ``patch`` made later sees it;
 - the family's plan (``Family.parallel_plan``, stated in its ``models/<family>.py``) as torch hooks
@@ -40,7 +41,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dit_kernels.models import families, family_of
 from dit_kernels.parallel.plan import Plan
-from dit_kernels.parallel.sharding import apply_plan, check_plan
+from dit_kernels.parallel.sharding import apply_plan, check_plan, sharded_attentions
 from dit_kernels.patching import find_transformer, find_transformers
 
 _STATE = "_dit_kernels_parallel"
@@ -73,7 +74,7 @@ def enable_parallelism(pipe_or_transformer, *, ulysses_degree: int = 1, ring_deg
     length the ranks do not divide is refused at the forward that brings it (ValueError on every rank)."""
     transformers = [module for _, module in find_transformers(pipe_or_transformer)]
     plans = [_plan_of(transformer) for transformer in transformers]
-    devices = {_check(transformer, ulysses_degree, ring_degree) for transformer in transformers}
+    devices = {_check(transformer, plan, ulysses_degree, ring_degree) for transformer, plan in zip(transformers, plans)}
     if len(devices) != 1:
         raise ValueError(f"the pipeline's transformers are on {sorted(map(str, devices))}; put them on one device")
     device = devices.pop()
@@ -88,7 +89,7 @@ def enable_parallelism(pipe_or_transformer, *, ulysses_degree: int = 1, ring_deg
 
 def _enable(transformer: nn.Module, plan: Plan, config: ParallelConfig) -> None:
     """One transformer's settings and hooks (the module docstring's list), recorded for ``disable_parallelism``."""
-    attentions = _attentions(transformer)
+    attentions = sharded_attentions(transformer, plan)
     processors = [(m.processor, getattr(m.processor, "_parallel_config", None)) for _, m in attentions]
     for processor, _ in processors:
         processor._parallel_config = config
@@ -135,7 +136,7 @@ def _plan_of(transformer: nn.Module) -> Plan:
     return family.parallel_plan
 
 
-def _check(transformer: nn.Module, ulysses_degree: int, ring_degree: int) -> torch.device:
+def _check(transformer: nn.Module, plan: Plan, ulysses_degree: int, ring_degree: int) -> torch.device:
     """Every refusal that needs no collective; returns the model's device."""
     name = type(transformer).__name__
     if getattr(transformer, "_parallel_config", None) is not None:
@@ -159,7 +160,7 @@ def _check(transformer: nn.Module, ulysses_degree: int, ring_degree: int) -> tor
         served = ", ".join(f"{d} ({b})" for d, b in PROCESS_GROUP_BACKENDS.items())
         raise ValueError(f"{name} is on {device.type}, which the process group backend {backend!r} cannot serve; "
                          f"context parallelism runs on {served}")
-    for module_name, attention in _attentions(transformer):
+    for module_name, attention in sharded_attentions(transformer, plan):
         if attention.heads % ulysses_degree:
             raise ValueError(f"ulysses_degree {ulysses_degree} does not divide the {attention.heads} attention heads "
                              f"of {name}.{module_name} (Ulysses gives each rank a share of the heads)")  # fmt: skip
@@ -172,11 +173,6 @@ def _device(transformer: nn.Module) -> torch.device:
         raise ValueError(f"{type(transformer).__name__} has parameters on {sorted(map(str, devices))}; context "
                          "parallelism needs the whole model on this rank's one device, weights loaded")  # fmt: skip
     return devices.pop()
-
-
-def _attentions(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The attention modules (diffusers' ``Attention`` and ``AttentionModuleMixin`` ones: a processor and heads)."""
-    return [(n, m) for n, m in transformer.named_modules() if hasattr(m, "processor") and hasattr(m, "heads")]
 
 
 def _check_processors(state: _ParallelState, transformer: nn.Module, args: tuple) -> None:

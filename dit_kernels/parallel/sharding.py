@@ -23,22 +23,26 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.hooks import RemovableHandle
 
-from dit_kernels.parallel.plan import Plan
+from dit_kernels.parallel.plan import Local, Plan, Repeated
 
-Specs = Union[ContextParallelInput, tuple[ContextParallelInput, ...], list[ContextParallelInput]]
+Spec = Union[ContextParallelInput, Repeated]
+Specs = Union[Spec, tuple[Spec, ...], list[Spec]]
 
 
 def check_plan(transformer: nn.Module, plan: Plan) -> None:
     """ValueError naming the first entry of ``plan`` that does not fit ``transformer`` (a module it lacks,
-    an input its forward does not take, an output spec on an input or the other way round)."""
+    an input its forward does not take, an output spec on an input or the other way round, ``local()`` on
+    a module that is no attention)."""
     for name, entry in plan.items():
         modules = _modules(transformer, name)
-        if isinstance(entry, ContextParallelOutput) or _all_outputs(entry):
+        if isinstance(entry, Local) and not all(is_attention(m) for m in modules):
+            raise ValueError(f"context-parallel plan entry {name!r}: local() names a module that is no attention")
+        if isinstance(entry, (ContextParallelOutput, Local)) or _all_outputs(entry):
             continue
         if not isinstance(entry, dict):
             raise ValueError(f"context-parallel plan entry {name!r}: {entry!r} is neither a dict of splits nor gathers")
         for key, specs in entry.items():
-            outputs = {spec.split_output for spec in _as_tuple(specs)}
+            outputs = {getattr(spec, "split_output", False) for spec in _as_tuple(specs)}
             if outputs != {isinstance(key, int)}:
                 raise ValueError(f"context-parallel plan entry {name!r}[{key!r}]: an int key names an output "
                                  "(split_output=True), a str key an input (split_output=False)")  # fmt: skip
@@ -54,7 +58,7 @@ def apply_plan(transformer: nn.Module, plan: Plan, mesh: DeviceMesh) -> list[Rem
     handles = []
     for name, entry in plan.items():
         where = name or type(transformer).__name__
-        for module in _modules(transformer, name):
+        for module in _modules(transformer, name) if not isinstance(entry, Local) else ():
             if isinstance(entry, dict):
                 inputs = {key: specs for key, specs in entry.items() if isinstance(key, str)}
                 outputs = {key: specs for key, specs in entry.items() if isinstance(key, int)}
@@ -112,19 +116,34 @@ def _shard_value(value, specs: Specs, mesh: DeviceMesh, what: str):
     return type(value)(_shard(v, s, mesh, f"{what}[{i}]") for i, (v, s) in enumerate(zip(value, specs)))
 
 
-def _shard(x: Tensor, spec: ContextParallelInput, mesh: DeviceMesh, what: str) -> Tensor:
-    """This rank's chunk of ``x`` along ``spec.split_dim`` (``x`` whole when its rank is not ``expected_dims``)."""
+def _shard(x: Tensor, spec: Spec, mesh: DeviceMesh, what: str) -> Tensor:
+    """This rank's chunk of ``x`` along the spec's dim (``x`` whole when its rank is not ``expected_dims``);
+    for ``Repeated``, every P-th row."""
     if spec.expected_dims is not None and x.dim() != spec.expected_dims:
         return x
-    size, ranks = x.shape[spec.split_dim], mesh.size()
+    dim = spec.dim if isinstance(spec, Repeated) else spec.split_dim
+    size, ranks = x.shape[dim], mesh.size()
     if size % ranks:
         raise ValueError(f"context parallelism over {ranks} ranks: {what} {tuple(x.shape)} has {size} positions "
-                         f"along dim {spec.split_dim}, which {ranks} does not divide; choose sizes (image side, "
-                         f"frames, text length) that make it a multiple of {ranks}")  # fmt: skip
-    return EquipartitionSharder.shard(x, spec.split_dim, mesh)
+                         f"along dim {dim}, which {ranks} does not divide; choose sizes (image side, frames, "
+                         f"text length) that make it a multiple of {ranks}")  # fmt: skip
+    if isinstance(spec, Repeated):
+        return x[(slice(None),) * dim + (slice(None, None, ranks),)]
+    return EquipartitionSharder.shard(x, dim, mesh)
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
+
+def sharded_attentions(transformer: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
+    """The attention modules (diffusers' ``Attention`` / ``AttentionModuleMixin``: a processor and heads)
+    that attend over the split sequence: all but those the plan marks ``local()``."""
+    local = {id(m) for name, entry in plan.items() if isinstance(entry, Local) for m in _modules(transformer, name)}
+    return [(n, m) for n, m in transformer.named_modules() if is_attention(m) and id(m) not in local]
+
+
+def is_attention(module: nn.Module) -> bool:
+    return hasattr(module, "processor") and hasattr(module, "heads")
 
 
 def _modules(transformer: nn.Module, name: str) -> list[nn.Module]:
