@@ -25,6 +25,7 @@ import dit_kernels
 from dit_kernels.bench import e2e, zoo
 from dit_kernels.graphs import EagerReplayBackend, GraphConfig, graph_runners
 from dit_kernels.models import FAMILY_MODULES, family_named
+from dit_kernels.parallel import enable
 from dit_kernels.parallel.enable import parallel_config
 
 # Every family's tiny config, and SD3.5's blocks (per-head RMSNorm of q/k, the dual attention's attn2)
@@ -205,7 +206,13 @@ def refusal_task() -> dict:
     """Each refusal's message, and whether the model stayed as it was."""
     model, inputs = _model_and_inputs("flux")
     before = copy.deepcopy(model)
+    served = enable.PROCESS_GROUP_BACKENDS.pop("cpu")  # as if CPU tensors needed another backend than gloo
+    try:
+        backend = _outcome(lambda: dit_kernels.enable_parallelism(model, ulysses_degree=2))
+    finally:
+        enable.PROCESS_GROUP_BACKENDS["cpu"] = served
     messages = {
+        "backend": backend,
         "world size": _outcome(lambda: dit_kernels.enable_parallelism(model, ulysses_degree=2, ring_degree=2)),
         "heads": _outcome(lambda: dit_kernels.enable_parallelism(_model_and_inputs("flux", num_attention_heads=3)[0],
                                                                  ulysses_degree=2)),  # fmt: skip
@@ -274,6 +281,7 @@ def test_a_pipelines_transformers_share_one_mesh(pool):
 def test_refusals_leave_the_model_unchanged(pool):
     for result in pool.run(refusal_task):
         messages = result["messages"]
+        assert "is on cpu, which the process group backend 'gloo' cannot serve" in messages["backend"]
         assert "does not match the world size 2" in messages["world size"]
         assert "does not divide the 3 attention heads" in messages["heads"]
         assert "already parallel" in messages["twice"]
@@ -289,8 +297,13 @@ def test_plan_is_diffusers_own(name):
     assert family.parallel_plan == family.classes[0]._cp_plan
 
 
-def test_refusals_without_a_process_group():
+def test_refusals_without_a_process_group(monkeypatch):
     model, _ = _model_and_inputs("flux")
+    flux = family_named("flux")
+    monkeypatch.setattr(sys.modules[flux.apply.__module__], "FAMILY", dataclasses.replace(flux, parallel_plan=None))
+    with pytest.raises(ValueError, match="family flux has no context-parallel plan; families with one: "):
+        dit_kernels.enable_parallelism(model, ulysses_degree=2)
+    monkeypatch.undo()
     with pytest.raises(TypeError, match="Linear is not a supported transformer"):
         dit_kernels.enable_parallelism(torch.nn.Linear(2, 2), ulysses_degree=2)
     for degrees, message in (({"ulysses_degree": 0}, "ulysses_degree must be an int >= 1, got 0"),
