@@ -56,12 +56,22 @@ class BlockLayout:
     ``hidden_states -> hidden_states``. ``batch_args``: block arguments whose first dim is the batch
     (tensors of another batch size are passed whole). ``bypass_args``: transformer keyword arguments that
     add to the residual stream between blocks (ControlNet residuals) or leave blocks out (skip-layer
-    guidance): a call passing any of them runs every block, uncached."""
+    guidance): a call passing any of them runs every block, uncached; ``bypass_values``: (argument, value)
+    pairs with the same effect when the call passes that value.
+
+    ``interleaved``: the lists' blocks run in turns (list 0's first, list 1's first, list 0's second, ...:
+    Latte's spatial and temporal blocks) instead of one list after the other. ``relayout(t, source,
+    target, like)``: for a transformer that reshapes the residual stream between blocks of different lists
+    (Latte swaps its batch and sequence axes), ``t`` from the layout of list ``source``'s blocks into that
+    of list ``target``'s (``like``: a tensor in the target layout); None: one layout for all blocks."""
 
     block_lists: tuple[str, ...]
     joint: bool
     batch_args: frozenset[str]
     bypass_args: tuple[str, ...] = ()
+    bypass_values: tuple[tuple[str, object], ...] = ()
+    interleaved: bool = False
+    relayout: Optional[Callable[[Tensor, str, str, Tensor], Tensor]] = None
 
     @property
     def streams(self) -> tuple[str, ...]:
@@ -69,7 +79,16 @@ class BlockLayout:
         return ("hidden_states", "encoder_hidden_states") if self.joint else ("hidden_states",)
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
-        return [block for name in self.block_lists for block in getattr(transformer, name)]
+        """The blocks in the order they run."""
+        return [block for _, block in self._listed(transformer)]
+
+    def lists(self, transformer: nn.Module) -> list[str]:
+        """The list each block of ``blocks`` comes from."""
+        return [name for name, _ in self._listed(transformer)]
+
+    def _listed(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        lists = [[(name, block) for block in getattr(transformer, name)] for name in self.block_lists]
+        return [pair for turn in zip(*lists) for pair in turn] if self.interleaved else sum(lists, [])
 
     def streams_of(self, output) -> tuple[Optional[Tensor], ...]:
         """A block's output as its streams, in ``streams`` order."""

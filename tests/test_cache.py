@@ -22,10 +22,12 @@ import torch
 import dit_kernels
 from dit_kernels.bench import e2e, zoo
 from dit_kernels.cache.policy import Group, decide
-from dit_kernels.models import FAMILY_MODULES, family_of
+from dit_kernels.models import FAMILY_MODULES, family_named, family_of
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_unchanged, snapshot
 
 FAMILIES = FAMILY_MODULES
+# cfg="per_half" runs the remaining blocks on half the batch: not where the stream is reshaped between blocks
+HALVES = [family for family in FAMILIES if family_named(family).blocks.relayout is None]
 KERNELS = [False, True]
 # Every skip the rules allow: a threshold no change reaches.
 ALWAYS = dict(threshold=1e9, warmup_steps=2, max_consecutive_skips=3, final_steps_computed=2)
@@ -159,7 +161,7 @@ CFG_RULES = dict(threshold=0.1, warmup_steps=1, final_steps_computed=0, max_cons
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HALVES)
 def test_per_half_decides_each_half_like_a_run_of_that_half_alone(family, kernels):
     model = cached(build(family), kernels, cfg="per_half", **CFG_RULES)
     alone = [cached(build(family), kernels, **CFG_RULES) for _ in range(2)]

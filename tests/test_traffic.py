@@ -67,12 +67,12 @@ KNOWN_OVER_FLOOR = {("hunyuan", "HunyuanDiTBlock (long skip)")}
 
 
 @pytest.mark.parametrize("batch", traffic.BATCHES)
-@pytest.mark.parametrize("family", FAMILY_MODULES)
-def test_patched_blocks_within_10_percent_of_their_floor(family, batch):
+@pytest.mark.parametrize("family, variant", traffic.variants(), ids=lambda v: v or "real")
+def test_patched_blocks_within_10_percent_of_their_floor(family, variant, batch):
     """Every block kind of every family, at batch 1 and 2: the floor (of the patched graph) is a floor
     (patched moves at least that much) and below eager's traffic, and the patched block is within 1.10x
     of it, i.e. its launches leave at most 10 % of its non-GEMM traffic to a better fusion."""
-    eager, patched = traffic.family_counts(family, batch=batch)
+    eager, patched = traffic.family_counts(family, batch=batch, variant=variant)
     assert eager.keys() == patched.keys()
     for kind in eager:
         moved, floor = patched[kind].bytes["other"], patched[kind].floor.bytes

@@ -1,7 +1,8 @@
 """Whole diffusers pipelines of the five families, built from tiny seeded components, with no hub access.
 
 Each ``build_<family>()`` assembles the real pipeline class (DiTPipeline, PixArtSigmaPipeline,
-StableDiffusion3Pipeline, FluxPipeline, HunyuanDiTPipeline) from:
+StableDiffusion3Pipeline, FluxPipeline, HunyuanDiTPipeline; the video pipelines LattePipeline and WanPipeline
+take ``prompt_embeds``, with no tokenizer or text encoder, and Wan no VAE) from:
 
 - the transformer in its family's tiny configuration (``Family.configs["tiny"]``, the one source of truth;
   HunyuanDiT's text lengths are overridden with the pipeline's hard-coded 77 / 256 tokens: its transformer's
@@ -36,8 +37,10 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     HunyuanDiTPipeline,
+    LattePipeline,
     PixArtSigmaPipeline,
     StableDiffusion3Pipeline,
+    WanPipeline,
 )
 from transformers import (
     BertConfig,
@@ -54,7 +57,7 @@ from transformers import (
 
 from dit_kernels.models import family_named
 
-FAMILIES = ("dit", "pixart", "sd3", "sd35", "flux", "hunyuan")
+FAMILIES = ("dit", "pixart", "sd3", "sd35", "flux", "hunyuan", "latte", "wan", "wan_a14b", "wan_ti2v")
 
 WORDS = "a photo of an astronaut riding horse on the moon cat dog red blue small".split()
 LATENT_CHANNELS = 4
@@ -216,6 +219,30 @@ def build_hunyuan() -> HunyuanDiTPipeline:
     )  # fmt: skip
 
 
+def build_latte() -> LattePipeline:
+    """Latte-1 shaped (spatial + temporal blocks, 3 frames), called with ``prompt_embeds`` (no tokenizer or
+    text encoder: the T5 is not what is patched); the 2D VAE decodes frame by frame."""
+    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False)
+    return LattePipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=tiny_transformer("latte"),
+                         scheduler=scheduler)  # fmt: skip
+
+
+def build_wan(variant: str = "t2v") -> WanPipeline:
+    """Wan 2.1 T2V shaped, called with ``prompt_embeds`` (no tokenizer or text encoder) and no VAE (latents
+    out; the pipeline then takes Wan's VAE factors 4 / 8). ``"a14b"``: Wan 2.2 A14B's two transformers,
+    ``transformer_2`` (other weights) denoising below ``boundary_ratio``; ``"ti2v"``: Wan 2.2 TI2V's
+    per-token timesteps (``expand_timesteps``)."""
+    second = None
+    if variant == "a14b":
+        torch.manual_seed(1)
+        second = family_named("wan").build("tiny")
+    return WanPipeline(
+        tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_transformer("wan"), transformer_2=second,
+        boundary_ratio=0.7 if variant == "a14b" else None, expand_timesteps=variant == "ti2v",
+    )  # fmt: skip
+
+
 BUILDERS = {
     "dit": build_dit,
     "pixart": build_pixart,
@@ -223,6 +250,10 @@ BUILDERS = {
     "sd35": functools.partial(build_sd3, "3.5"),
     "flux": build_flux,
     "hunyuan": build_hunyuan,
+    "latte": build_latte,
+    "wan": build_wan,
+    "wan_a14b": functools.partial(build_wan, "a14b"),
+    "wan_ti2v": functools.partial(build_wan, "ti2v"),
 }
 
 

@@ -280,14 +280,28 @@ def _blocks(model: torch.nn.Module):
             yield from child
 
 
+def _kinds(model: torch.nn.Module) -> dict[int, str]:
+    """id(block) -> its kind; a class that several block lists hold (Latte's spatial and temporal blocks)
+    is told apart by the list's name."""
+    lists = {name: child for name, child in model.named_children() if isinstance(child, torch.nn.ModuleList)}
+    owners: dict[str, set[str]] = {}
+    for name, blocks in lists.items():
+        for block in blocks:
+            owners.setdefault(type(block).__name__, set()).add(name)
+    return {id(block): block_kind(block) + (f" ({name})" if len(owners[type(block).__name__]) > 1 else "")
+            for name, blocks in lists.items() for block in blocks}  # fmt: skip
+
+
 def count_blocks(model: torch.nn.Module, inputs: dict) -> dict[str, PathCounts]:
     """Run ``model(**inputs)`` once; per block kind, the counts of its last block of that kind."""
     counter = _BlockScopedCounter()
     results: dict[str, PathCounts] = {}
     hooks = []
 
+    kinds = _kinds(model)
+
     def enter(block, *_):
-        counter.current = results[block_kind(block)] = PathCounts()  # the last block of each kind is the one kept
+        counter.current = results[kinds[id(block)]] = PathCounts()  # the last block of each kind is the one kept
 
     def leave(block, _args, output):
         if counter.current is not None:
@@ -311,13 +325,15 @@ GPU_PATH = OpBackends(norm="torch", rope="torch", attention="torch", gelu_epilog
 
 
 @functools.cache
-def family_counts(family: str, dtype=torch.bfloat16, batch: int = 1) -> tuple[dict[str, PathCounts], dict[str, PathCounts]]:
+def family_counts(family: str, dtype=torch.bfloat16, batch: int = 1,
+                  variant: str = "") -> tuple[dict[str, PathCounts], dict[str, PathCounts]]:  # fmt: skip
     """(eager, patched) counts per block kind for ``family`` at its real shape with ``batch`` samples and
-    ``traffic_depth`` (every block kind twice, the last of each counted), on the meta device. Cached: the
-    same walk serves the table and the tests (read-only)."""
+    ``traffic_depth`` (every block kind twice, the last of each counted), on the meta device; ``variant``: one
+    of its ``traffic_variants`` (another width). Cached: the same walk serves the table and the tests."""
     spec = family_named(family)
     with torch.device("meta"):
-        model = zoo.to_dtype(spec.build("real", **spec.traffic_depth), dtype)
+        model = zoo.to_dtype(spec.build("real", **spec.traffic_variants.get(variant, {}), **spec.traffic_depth),
+                             dtype)  # fmt: skip
     shape = dataclasses.replace(spec.traffic_shape, batch=batch)
     inputs = zoo.transformer_inputs(family, model, shape, dtype, device="meta")
     eager = count_blocks(model, inputs)
@@ -334,17 +350,22 @@ def table(families=FAMILY_MODULES, dtype=torch.bfloat16, batches=BATCHES) -> str
     """The markdown table: per family, batch and block kind, the eager, patched and floor rows (the floor
     of the patched graph)."""
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for family in families:
+    for family, variant in variants(families):
         tokens = _tokens(family)
         for batch in batches:
-            eager, patched = family_counts(family, dtype, batch)
+            eager, patched = family_counts(family, dtype, batch, variant)
             for kind in eager:
-                block = f"{family}: {kind}"
+                block = f"{family} {variant}: {kind}" if variant else f"{family}: {kind}"
                 floor = patched[kind].floor.bytes
                 rows += [_row(block, batch, tokens, "eager", eager[kind], eager[kind], floor),
                          _row(block, batch, tokens, "patched", patched[kind], eager[kind], floor),
                          _row(block, batch, tokens, "floor", None, eager[kind], floor)]  # fmt: skip
     return "\n".join(rows)
+
+
+def variants(families=FAMILY_MODULES) -> list[tuple[str, str]]:
+    """(family, variant) of every traffic row set: each family's real config ("") and its traffic_variants."""
+    return [(family, variant) for family in families for variant in ("", *family_named(family).traffic_variants)]
 
 
 def _row(block: str, batch: int, tokens: str, path: str, counts: PathCounts | None, eager: PathCounts,

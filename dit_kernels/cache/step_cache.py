@@ -52,6 +52,10 @@ def validate(transformer: nn.Module, layout: BlockLayout, config: CacheConfig) -
     if config.head_blocks >= len(blocks):
         raise ValueError(f"CacheConfig.head_blocks={config.head_blocks} leaves no block to cache: "
                          f"{type(transformer).__name__} has {len(blocks)} blocks")  # fmt: skip
+    if layout.relayout is not None and config.cfg == "per_half":
+        raise ValueError(f"CacheConfig(cfg='per_half') runs the remaining blocks on half the batch, which "
+                         f"{type(transformer).__name__} does not allow (it reshapes the residual stream between "
+                         "its blocks); use cfg='joint'")  # fmt: skip
 
 
 class StepCache:
@@ -62,6 +66,7 @@ class StepCache:
         self.config = config
         self.layout = layout
         self.blocks = self.layout.blocks(transformer)
+        self.lists = self.layout.lists(transformer)
         self.calls: collections.deque[CallStats] = collections.deque(maxlen=KEEP_CALLS)
         self.run: Optional[_Run] = None
         self.num_steps: Optional[int] = None
@@ -104,7 +109,8 @@ class StepCache:
 
     def _begin(self, named: dict) -> Optional[_Run]:
         """A transformer call: its step and branch, after any reset it implies; None runs it uncached."""
-        if any(named.get(name) is not None for name in self.layout.bypass_args):
+        bypass = [name for name, value in self.layout.bypass_values if name in named and named[name] == value]
+        if bypass or any(named.get(name) is not None for name in self.layout.bypass_args):
             call = self._call()
             call.bypassed_calls += 1
             call.blocks_computed += len(self.blocks)
@@ -251,7 +257,7 @@ class _Run:
 
     def _decide(self) -> None:
         cache, config = self.cache, self.cache.config
-        head = self.rest_in[0] - self.head_in
+        head = self.rest_in[0] - self._moved(self.head_in, 0, config.head_blocks, self.rest_in[0])
         self.batch = head.shape[0]
         self.groups = cache.groups(self.branch, self.batch)
         reduce = sum_over_shards(cache.transformer())  # context parallelism: every rank decides the same
@@ -264,8 +270,19 @@ class _Run:
         if not cache.warned:
             cache.warned = warn_if_never_hit(config, call)
 
+    def _moved(self, t: Tensor, source: int, target: int, like: Tensor) -> Tensor:
+        """``t``, taken at block ``source``, in the layout of block ``target`` (``BlockLayout.relayout``)."""
+        lists, relayout = self.cache.lists, self.layout.relayout
+        if relayout is None or lists[source] == lists[target]:
+            return t
+        return relayout(t, lists[source], lists[target], like)
+
+    def _at_last(self, rest_in: Tensor, like: Tensor) -> Tensor:
+        """A stream of the remaining blocks' input in the last block's layout."""
+        return self._moved(rest_in, self.cache.config.head_blocks, len(self.cache.blocks) - 1, like)
+
     def _store_all(self, out: Streams) -> None:
-        residual = [None if o is None else o - i for o, i in zip(out, self.rest_in)]
+        residual = [None if o is None else o - self._at_last(i, o) for o, i in zip(out, self.rest_in)]
         for group in self.groups:
             group.store(tuple(None if r is None else r[group.rows] for r in residual), self.step,
                         self.cache.config.extrapolate)  # fmt: skip
@@ -273,7 +290,8 @@ class _Run:
     def _skipped(self, group: Group) -> Streams:
         """A skipped group's rows of the last block's output: head output + cached residual per stream."""
         cached = group.cached(self.step, self.cache.config.extrapolate)
-        return tuple(None if r is None else i[group.rows] + r for i, r in zip(self.rest_in, cached))
+        return tuple(None if r is None else self._at_last(i, r)[group.rows] + r
+                     for i, r in zip(self.rest_in, cached))  # fmt: skip
 
     def _replayed(self) -> Streams:
         parts = [self._skipped(group) for group in self.groups]

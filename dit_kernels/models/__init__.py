@@ -15,7 +15,7 @@ from dit_kernels.models.family import Family, Shape
 
 # Families with a patcher: all five (DiT, PixArt, SD3/3.5, FLUX, HunyuanDiT); patch refuses any other class
 # with the list of supported classes. Imported on first use (each module imports its diffusers classes).
-FAMILY_MODULES = ("dit", "pixart", "sd3", "flux", "hunyuan", "wan")
+FAMILY_MODULES = ("dit", "pixart", "sd3", "flux", "hunyuan", "wan", "latte")
 DEFAULT_FAMILY = "flux"  # what the main job (python -m dit_kernels.bench) runs unless told otherwise
 
 __all__ = ["FAMILY_MODULES", "DEFAULT_FAMILY", "Family", "Shape", "families", "family_named", "family_of", "supported_classes"]

@@ -74,10 +74,10 @@ class BasicBlockKind:
 # ----------------------------------------------------------------------------------------- validate
 
 
-def validate_blocks(transformer: nn.Module, kind: BasicBlockKind) -> None:
-    """Every ``transformer.transformer_blocks[i]`` is one the fused forward reproduces exactly."""
-    for i, block in enumerate(transformer.transformer_blocks):
-        validate_block(block, kind, f"transformer_blocks.{i}")
+def validate_blocks(transformer: nn.Module, kind: BasicBlockKind, blocks: str = "transformer_blocks") -> None:
+    """Every ``transformer.<blocks>[i]`` is one the fused forward reproduces exactly."""
+    for i, block in enumerate(getattr(transformer, blocks)):
+        validate_block(block, kind, f"{blocks}.{i}")
 
 
 def validate_block(block: nn.Module, kind: BasicBlockKind, name: str) -> None:
@@ -116,10 +116,12 @@ def _check_layer_norm(norm: nn.Module, name: str, family: str) -> None:
 # ----------------------------------------------------------------------------------------- apply
 
 
-def apply_blocks(transformer: nn.Module, patcher: Patcher, kind: BasicBlockKind) -> None:
-    """Swap every block's forward and its attention processors for the fused ones."""
+def apply_blocks(transformer: nn.Module, patcher: Patcher, kind: BasicBlockKind,
+                 blocks: str = "transformer_blocks") -> None:  # fmt: skip
+    """Swap the forward of every block of ``transformer.<blocks>`` and its attention processors for the fused
+    ones."""
     forward = block_forward(patcher.ops, kind)
-    for block in transformer.transformer_blocks:
+    for block in getattr(transformer, blocks):
         patcher.replace_block(block, forward, _fused_ops(block), (block.attn1, block.attn2), FusedAttnProcessor)
 
 

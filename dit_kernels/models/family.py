@@ -7,7 +7,7 @@ never name a family themselves.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -54,7 +54,8 @@ class Family:
     side the pipeline packs before the transformer (FLUX: 2; then the latents are [B, tokens, C], else
     [B, C, H, W]). ``text_len(config)``: the text length its pipeline feeds (0: no text).
     ``traffic_shape`` / ``traffic_depth``: the traffic model's real shape and the depth overrides that give
-    every block kind twice (the last of each kind is counted). ``parallel_plan``: the context-parallel plan
+    every block kind twice (the last of each kind is counted); ``traffic_variants``: more traffic rows, a label
+    -> overrides of the real config (another published width). ``parallel_plan``: the context-parallel plan
     where diffusers has none. ``fp32_modules``: entries of the class's ``_keep_in_fp32_modules`` that are not
     norms and that the patched path takes in fp32 as diffusers does (patch accepts them in a bf16/fp16 model
     loaded with those modules kept in fp32; a kept norm is always accepted)."""
@@ -74,6 +75,7 @@ class Family:
     latent_packing: int = 1
     parallel_plan: Optional[Any] = None
     fp32_modules: tuple[str, ...] = ()
+    traffic_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         missing = set(SIZES) - set(self.configs)

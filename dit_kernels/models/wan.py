@@ -282,7 +282,7 @@ def inputs(config, shape: Shape, randn: Callable, dtype: torch.dtype) -> dict:
 
 
 _COMMON = dict(patch_size=(1, 2, 2), freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
-# Wan 2.1 T2V 1.3B (Wan-AI/Wan2.1-T2V-1.3B-Diffusers); 14B: 40 heads, ffn_dim 13824, 40 layers
+# Wan 2.1 T2V 1.3B (Wan-AI/Wan2.1-T2V-1.3B-Diffusers)
 _REAL = _COMMON | dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
                        ffn_dim=8960, num_layers=30)  # fmt: skip
 CONFIGS = {
@@ -316,4 +316,5 @@ FAMILY = Family(
         "proj_out": gather(1, dims=3),
         "": {"timestep": split(1, dims=2)},
     },
+    traffic_variants={"14B": dict(num_attention_heads=40, ffn_dim=13824)},  # Wan 2.1 T2V 14B: 5120 wide
 )
