@@ -8,7 +8,8 @@ dit_kernels.bench.zoo), eager blocks (kernels=False) and fused ones (kernels=Tru
 - sequential CFG (two calls per timestep) keeps one state per branch;
 - state resets (rising timestep, new shapes, reset_cache, cache_session) and no leak into a fresh call;
 - ControlNet / skip-layer calls bypass the cache; unpatch restores the model exactly;
-- the rules on hand-made residuals (accumulated change, extrapolation), config checks, the 0 % warning;
+- the rules on hand-made residuals (the run's error budget, prediction by the polynomial through the last
+  computed steps, a prediction that holds lengthening the run), config checks, the 0 % warning;
 - the Triton backend (interpreter) inside cached blocks.
 """
 
@@ -21,7 +22,7 @@ import torch
 
 import dit_kernels
 from dit_kernels.bench import e2e, zoo
-from dit_kernels.cache.policy import Group, decide
+from dit_kernels.cache.policy import Group, decide, fit_weights
 from dit_kernels.models import FAMILY_MODULES, family_named, family_of
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_unchanged, snapshot
 
@@ -284,57 +285,91 @@ def test_controlnet_and_skip_layer_calls_bypass_the_cache(family):
 # ----------------------------------------------------------------------------------------- rules
 
 
-def test_accumulated_change_forces_a_recompute():
-    """Each step changes the head residual by ~4 %, under the 6 % threshold; two steps add up past it."""
-    config = dit_kernels.CacheConfig(threshold=0.06, warmup_steps=1, final_steps_computed=0, max_consecutive_skips=9)
-    group, base = Group("batch", slice(None)), torch.ones(2, 4, 8)
-    out = []
-    for step in range(7):
-        d = decide(config, group, base * 1.04**step, step, None)
+def run_rule(config, heads, num_steps=None) -> list[tuple[bool, str]]:
+    """``decide`` over hand-made head residuals, storing a computed step's (head-sized) residual."""
+    group, out = Group("batch", slice(None)), []
+    for step, head in enumerate(heads):
+        d = decide(config, group, head, step, num_steps)
         if d.compute:
-            group.store((base,), step, False)
+            group.store((head * 2,), step, config.fit_steps)
         out.append((d.compute, d.reason))
+    return out
+
+
+def test_accumulated_change_forces_a_recompute():
+    """Order 0: the miss of a reused head residual growing 4 % a step is ~3.8 % one step after a computed
+    step, ~7.5 % two after: the run's sum passes 10 % at the second step."""
+    config = dit_kernels.CacheConfig(threshold=0.1, order=0, fit_steps=1, warmup_steps=1, final_steps_computed=0)
+    base = torch.ones(2, 4, 8)
+    out = run_rule(config, [base * 1.04**step for step in range(7)])
     assert out == [(True, "warm-up"), (False, "below threshold"), (True, "accumulated >= threshold"),
                    (False, "below threshold"), (True, "accumulated >= threshold"), (False, "below threshold"),
                    (True, "accumulated >= threshold")]  # fmt: skip
-    assert decide(config, group, base * 2, 7, None).reason == "change >= threshold"
+    group = Group("batch", slice(None))
+    decide(config, group, base, 0, None)
+    group.store((base,), 0, 1)
+    assert decide(config, group, base * 2, 1, None).reason == "change >= threshold"
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_a_prediction_that_holds_lengthens_the_skip_run(order):
+    """Head residuals on a line (order 1) or a parabola (order 2) are predicted exactly from two / three
+    computed steps: no miss, skips until the cap; order 0 on the same residuals recomputes every other step."""
+    base = torch.ones(3, 5)
+    heads = [base * (1 + 0.05 * s + (0.01 * s * s if order == 2 else 0)) for s in range(12)]
+    rules = dict(threshold=0.05, warmup_steps=order + 1, final_steps_computed=0, max_consecutive_skips=6)
+    exact = run_rule(dit_kernels.CacheConfig(order=order, fit_steps=order + 1, **rules), heads)
+    assert [c for c, _ in exact] == [True] * (order + 1) + [False] * 6 + [True] + [False] * (4 - order)
+    assert exact[order + 7][1] == "consecutive-skip cap"
+    reused = run_rule(dit_kernels.CacheConfig(order=0, fit_steps=1, **rules), heads)
+    assert sum(not c for c, _ in reused) < sum(not c for c, _ in exact)
 
 
 def test_final_steps_need_the_step_count():
     config = dit_kernels.CacheConfig(threshold=1.0, warmup_steps=0, final_steps_computed=2, max_consecutive_skips=9)
-    for num_steps, expected in ((5, ["no reference", "below threshold", "below threshold", "final steps",
-                                     "final steps"]), (None, ["no reference"] + ["below threshold"] * 4)):  # fmt: skip
-        group = Group("batch", slice(None))
-        reasons = []
-        for step in range(5):
-            d = decide(config, group, torch.ones(3), step, num_steps)
-            if d.compute:
-                group.store((torch.ones(3),), step, False)
-            reasons.append(d.reason)
-        assert reasons == expected
+    heads = [torch.ones(3)] * 5
+    assert [r for _, r in run_rule(config, heads, 5)] == ["no reference", "below threshold", "below threshold",
+                                                           "final steps", "final steps"]  # fmt: skip
+    assert [r for _, r in run_rule(config, heads)] == ["no reference"] + ["below threshold"] * 4
 
 
-def test_extrapolation_is_first_order_from_the_last_two_computed_steps():
+def test_prediction_is_the_polynomial_fit_to_the_last_computed_steps():
+    """Weights on uneven steps: exact for polynomials of the fit's degree (through the nodes, or least
+    squares over more); the group keeps the last fit_steps computed steps and predicts every stream (None
+    stays None)."""
+    assert fit_weights([7], 9, order=2) == [1.0]
+    assert fit_weights([2, 4], 5, order=1) == pytest.approx([-0.5, 1.5])
+    assert fit_weights([3, 4], 9, order=0) == pytest.approx([0.5, 0.5])  # least squares of degree 0: the mean
+    for nodes, order in (([1, 2, 5], 2), ([0, 1, 3, 6], 1), ([0, 1, 3, 6, 7], 2)):
+        for power in range(order + 1):
+            got = sum(w * t**power for w, t in zip(fit_weights(nodes, 9, order), nodes))
+            assert got == pytest.approx(9**power), (nodes, order, power)
     group = Group("batch", slice(None))
-    group.store((torch.tensor([1.0]), None), 2, True)
-    group.store((torch.tensor([3.0]), None), 4, True)
-    assert group.cached(5, extrapolate=True)[0].item() == 4.0 and group.cached(5, extrapolate=True)[1] is None
-    assert group.cached(5, extrapolate=False)[0].item() == 3.0
+    for step in (0, 2, 4):
+        group.head = torch.tensor([float(step)])
+        group.store((torch.tensor([1.0 + step]), None), step, keep=2)
+    assert [n.step for n in group.nodes] == [2, 4]
+    group.weights = fit_weights([2, 4], 5, order=1)
+    predicted = group.cached()
+    assert predicted[0].item() == pytest.approx(6.0) and predicted[1] is None
 
 
-@pytest.mark.parametrize("family", FAMILIES[:1])
-def test_extrapolate_flag_changes_skipped_steps_only(family):
-    plain, extra = cached(build(family), **ALWAYS), cached(build(family), extrapolate=True, **ALWAYS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_order_changes_skipped_steps_only(family):
+    """Forced decisions (a threshold no miss reaches) are the same at every order; only skipped steps'
+    outputs differ."""
+    plain, extra = cached(build(family), order=0, fit_steps=1, **ALWAYS), cached(build(family), order=2, fit_steps=3, **ALWAYS)
     x = inputs(family, plain)
-    a, b = denoise(plain, family, x, 6, 6), denoise(extra, family, x, 6, 6)
-    assert decisions(plain) == decisions(extra) and not torch.equal(a, b)
+    a, b = denoise(plain, family, x, 7, 7), denoise(extra, family, x, 7, 7)
+    assert decisions(plain) == decisions(extra) == allowed(7, warmup=2, cap=3, final=2)
+    assert not torch.equal(a, b)
 
 
 def test_config_checks_and_refusals_change_nothing():
     assert dit_kernels.cache.as_config(0.1) == dit_kernels.CacheConfig(threshold=0.1)
     for bad in (dict(threshold=-1.0), dict(threshold=float("nan")), dict(head_blocks=0), dict(warmup_steps=-1),
                 dict(max_consecutive_skips=0), dict(final_steps_computed=1.5), dict(cfg="halves"),
-                dict(extrapolate=1), dict(head_blocks=True)):  # fmt: skip
+                dict(order=-1), dict(order=True), dict(fit_steps=1), dict(head_blocks=True)):  # fmt: skip
         with pytest.raises(ValueError, match=next(iter(bad))):
             dit_kernels.CacheConfig(**bad)
     with pytest.raises(TypeError, match="threshold"):

@@ -1,10 +1,17 @@
 """The skip rule and its bookkeeping: one ``Group`` per CFG group (the whole batch, or one half) and
 branch, one ``CallStats`` per pipeline call.
 
-Per step ``s`` of a call of ``num_steps`` (None: unknown), for a group whose head residual is ``r``:
+Per step ``s`` of a call of ``num_steps`` (None: unknown), for a group whose head residual is ``h``:
 
-- ``change = mean|r - r_prev| / mean|r_prev|`` (fp32; ``r_prev`` from the previous step, computed or
-  not), ``accumulated`` = the sum of the changes since the group's last computed step;
+- the group's nodes are its last ``fit_steps`` computed steps ``t_0 < .. < t_m``, each with its head
+  residual ``h_i`` and the remaining blocks' residual ``R_i`` per stream; ``w_i`` are the weights of the
+  polynomial of degree ``order`` fit to them (least squares; through them when there are ``order + 1``),
+  evaluated at ``s`` (``fit_weights``);
+- ``change = mean|sum_i w_i h_i - h| / mean|h|`` (fp32): how far the prediction misses the head residual,
+  which was computed; the same prediction of the remaining blocks' residual, ``sum_i w_i R_i``, is what a
+  skipped step adds. ``accumulated`` = the sum of the changes over the skipped steps since the group's
+  last computed step and this one (an error budget per skip run: runs are long while the prediction
+  holds, short where it does not);
 - computed (in this order of reasons): a step before ``warmup_steps``, one of the last
   ``final_steps_computed``, no reference yet, after ``max_consecutive_skips`` skips, ``change >=
   threshold``, ``accumulated >= threshold``; otherwise skipped (a cache hit). A computed step clears
@@ -32,31 +39,59 @@ WARN_AFTER = 10  # eligible steps without a hit before the warning
 
 
 @dataclass
+class Node:
+    """A computed step: its index, its head residual and the remaining blocks' residual per stream."""
+
+    step: int
+    head: Tensor
+    residuals: Streams
+
+
+@dataclass
 class Group:
-    """One group's state within a call: what the next step is compared with and what it reuses."""
+    """One group's state within a call: the computed steps the predictions are made from, the skip run."""
 
     label: str
     rows: slice
-    reference: Optional[Tensor] = None  # head residual of the previous step
+    nodes: list[Node] = field(default_factory=list)  # the last ``fit_steps`` computed steps, oldest first
+    head: Optional[Tensor] = None  # this step's head residual (a node's, if the step computes)
+    weights: list[float] = field(default_factory=list)  # this step's prediction weights, one per node
     accumulated: float = 0.0
     skips: int = 0  # consecutive
-    residuals: Optional[Streams] = None  # remaining blocks' residual per stream at the last computed step
-    computed_at: Optional[int] = None
-    before: Optional[tuple[Streams, int]] = None  # the computed step before that (extrapolation)
 
-    def store(self, residuals: Streams, step: int, extrapolate: bool) -> None:
-        if extrapolate and self.residuals is not None:
-            self.before = (self.residuals, self.computed_at)
-        self.residuals, self.computed_at = residuals, step
+    def store(self, residuals: Streams, step: int, keep: int) -> None:
+        """Step ``step`` computed: keep it (with this step's head residual) as the newest of ``keep`` nodes."""
+        self.nodes = [*self.nodes, Node(step, self.head, residuals)][-keep:]
 
-    def cached(self, step: int, extrapolate: bool) -> Streams:
-        """The residuals to add at a skipped ``step``: the last computed ones, or their first-order
-        extrapolation from the last two computed steps."""
-        if not (extrapolate and self.before is not None):
-            return self.residuals
-        older, at = self.before
-        slope = (step - self.computed_at) / (self.computed_at - at)
-        return tuple(None if r is None else r + (r - o) * slope for r, o in zip(self.residuals, older))
+    def cached(self) -> Streams:
+        """The remaining blocks' residual per stream predicted at this step (``weights``, see ``fit_weights``)."""
+        return tuple(None if node_r[0] is None else combine(node_r, self.weights)
+                     for node_r in zip(*(n.residuals for n in self.nodes)))  # fmt: skip
+
+
+def fit_weights(nodes: list[int], step: int, order: int) -> list[float]:
+    """Weights ``w_i`` with ``p(step) = sum_i w_i f(nodes[i])`` for the polynomial ``p`` of degree
+    ``min(order, len(nodes) - 1)`` fit to ``(nodes[i], f(nodes[i]))`` by least squares: through the points
+    when there are ``degree + 1`` of them (Newton's divided differences on uneven steps: one node reuses it,
+    two extrapolate linearly), a smoothing fit when there are more. ``w = v(step)^T pinv(V)``, ``V`` the
+    Vandermonde matrix of the nodes (centred on the newest, fp64)."""
+    degree = min(order, len(nodes) - 1)
+    if degree == 0 and len(nodes) == 1:
+        return [1.0]
+    t = torch.tensor(nodes, dtype=torch.float64) - nodes[-1]
+    vandermonde = torch.stack([t**p for p in range(degree + 1)], dim=1)
+    at = torch.tensor([float(step - nodes[-1]) ** p for p in range(degree + 1)], dtype=torch.float64)
+    return (at @ torch.linalg.pinv(vandermonde)).tolist()
+
+
+def combine(values: tuple[Tensor, ...], weights: list[float]) -> Tensor:
+    """``sum_i weights[i] * values[i]`` (the newest value alone when it is one node: no arithmetic)."""
+    if len(values) == 1:
+        return values[0]
+    out = values[-1] * weights[-1]
+    for value, w in zip(values[:-1], weights[:-1]):
+        out = out.add(value, alpha=w)
+    return out
 
 
 @dataclass(frozen=True)
@@ -81,16 +116,21 @@ def relative_l1(x: Tensor, reference: Tensor, reduce: Optional[Callable[[Tensor]
 def decide(config: CacheConfig, group: Group, head: Tensor, step: int, num_steps: Optional[int],
            reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Decision:  # fmt: skip
     """Compute or skip the remaining blocks for ``group`` at ``step``, given its head residual ``head``
-    (rows of this group only); updates the group's reference, accumulator and skip count. ``reduce``: see
-    ``relative_l1``."""
-    change = None if group.reference is None else relative_l1(head, group.reference, reduce)
+    (rows of this group only): the change is the error of the head residual predicted from the group's
+    nodes as the remaining blocks' residual would be; updates the group's weights, accumulator and skip
+    count. ``reduce``: see ``relative_l1``."""
+    group.head = head
+    change = None
+    if group.nodes:
+        group.weights = fit_weights([n.step for n in group.nodes], step, config.order)
+        predicted = combine(tuple(n.head for n in group.nodes), group.weights)
+        change = relative_l1(predicted, head, reduce)
     accumulated = group.accumulated + (change or 0.0)
-    group.reference = head
     if step < config.warmup_steps:
         reason = "warm-up"
     elif num_steps is not None and step >= num_steps - config.final_steps_computed:
         reason = "final steps"
-    elif change is None or group.residuals is None:
+    elif change is None:
         reason = "no reference"
     elif group.skips >= config.max_consecutive_skips:
         reason = "consecutive-skip cap"
@@ -103,7 +143,6 @@ def decide(config: CacheConfig, group: Group, head: Tensor, step: int, num_steps
         return Decision(False, "below threshold", change, accumulated)
     group.accumulated, group.skips = 0.0, 0
     return Decision(True, reason, change, accumulated)
-
 
 @dataclass
 class CallStats:

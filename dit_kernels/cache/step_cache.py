@@ -285,11 +285,11 @@ class _Run:
         residual = [None if o is None else o - self._at_last(i, o) for o, i in zip(out, self.rest_in)]
         for group in self.groups:
             group.store(tuple(None if r is None else r[group.rows] for r in residual), self.step,
-                        self.cache.config.extrapolate)  # fmt: skip
+                        self.cache.config.fit_steps)  # fmt: skip
 
     def _skipped(self, group: Group) -> Streams:
         """A skipped group's rows of the last block's output: head output + cached residual per stream."""
-        cached = group.cached(self.step, self.cache.config.extrapolate)
+        cached = group.cached()
         return tuple(None if r is None else self._at_last(i, r)[group.rows] + r
                      for i, r in zip(self.rest_in, cached))  # fmt: skip
 
@@ -304,7 +304,7 @@ class _Run:
         for group, computing in zip(self.groups, self.computing):
             if computing:
                 residual = tuple(None if o is None else o - i[group.rows] for o, i in zip(computed, self.rest_in))
-                group.store(residual, self.step, self.cache.config.extrapolate)
+                group.store(residual, self.step, self.cache.config.fit_steps)
                 parts.append(computed)
             else:
                 parts.append(self._skipped(group))
