@@ -4,6 +4,11 @@ interpreter on CPU tensors (gate 1); with CUDA they run on the GPU and the GPU-m
 
 import os
 
+# One intra-op thread (torch's OpenMP pool, BLAS; inherited by the AOT and torchrun child processes): the
+# tests' tensors are tiny, so a second thread saves nothing, and on a busy machine spinning threads make
+# each call several times slower (tests/test_model_pixart.py on a loaded 2-core machine: 127 s wall and 50 s
+# CPU with 2 threads, 77 s and 31 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402

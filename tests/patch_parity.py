@@ -18,6 +18,25 @@ import torch
 import dit_kernels
 from tolerances import assert_within_eager_bound
 
+
+
+def _precision_case(dtype: torch.dtype, backend: str, slow: bool = False):
+    return pytest.param(dtype, backend, id=f"{str(dtype).removeprefix('torch.')}-{backend}",
+                        marks=[pytest.mark.slow] if slow else [])  # fmt: skip
+
+
+# A family's parity matrix, (dtype, backend): the default run keeps one pair per dtype with both backends
+# present (fp32 on the reference ops: the spec; bf16 through the Triton kernels; fp16 on the reference
+# ops); the other three pairs are in the slow set (`pytest -m slow`, CI's second step).
+PRECISION_CASES = [
+    _precision_case(torch.float32, "torch"),
+    _precision_case(torch.bfloat16, "triton"),
+    _precision_case(torch.float16, "torch"),
+    _precision_case(torch.float32, "triton", slow=True),
+    _precision_case(torch.bfloat16, "torch", slow=True),
+    _precision_case(torch.float16, "triton", slow=True),
+]
+
 # Several blocks of fp32 math whose reductions the fused kernels order differently from aten: relative
 # error grows ~sqrt(n) ulps per reduction, a few reductions deep; 2e-5 relative leaves room for 150 ulps.
 FP32_RTOL, FP32_ATOL = 2e-5, 2e-6

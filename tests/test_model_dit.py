@@ -17,10 +17,9 @@ from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 import dit_kernels
 from dit_kernels.models import family_named
 from dit_kernels.models.shared import FusedAttnProcessor
-from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
+from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VARIANTS = {
     "xl": {},  # DiT-XL/2's layout: norm3 without affine, eps 1e-5; learned-sigma output
     "affine": {"norm_elementwise_affine": True, "norm_eps": 1e-6},
@@ -46,8 +45,7 @@ def dit_inputs(dtype: torch.dtype, batch: int = 2) -> dict:
 # ----------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype, backend", PRECISION_CASES)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_patched_parity(variant, batch, dtype, backend):

@@ -14,9 +14,8 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 import dit_kernels
 from dit_kernels.models import flux, shared
-from patch_parity import FP32_ATOL, FP32_RTOL, assert_patched_parity, assert_refused_unchanged, forward
+from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_patched_parity, assert_refused_unchanged, forward
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TEXT_LEN = 7
 GRID = (3, 5)  # packed latent rows x cols: a non-square image (FLUX packs 2x2 latent patches into a token)
 NUM_BLOCKS = 4  # 2 double + 2 single in the tiny config
@@ -56,8 +55,7 @@ def flux_inputs(dtype: torch.dtype, batch: int = 2, guidance: bool = True) -> di
 # ----------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype, backend", PRECISION_CASES)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
 def test_patched_parity(variant, batch, dtype, backend):

@@ -17,10 +17,9 @@ import dit_kernels
 from dit_kernels.bench import zoo
 from dit_kernels.models import shared
 from dit_kernels.ops import rope_tables
-from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
+from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LATENT = (8, 12)  # latent height x width: a 4 x 6 token grid (patch 2), non-square 2-D RoPE
 VARIANTS = {
     "v1.1": {},  # DESIGN.md §4's tiny config: 4 blocks, use_style_cond_and_image_meta_size=True
@@ -42,8 +41,7 @@ def hunyuan_inputs(model: torch.nn.Module, dtype: torch.dtype, batch: int = 2) -
 # ----------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype, backend", PRECISION_CASES)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_patched_parity(variant, batch, dtype, backend):
@@ -222,6 +220,7 @@ def test_lora_before_patch():
     torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
+@pytest.mark.slow  # torch.compile: the representative one is DiT's (tests/test_model_dit.py)
 def test_patched_model_under_torch_compile_matches_eager():
     model = tiny_hunyuan()
     inputs = hunyuan_inputs(model, torch.float32)

@@ -16,10 +16,9 @@ from diffusers.models.normalization import FP32LayerNorm
 import dit_kernels
 from dit_kernels.models import family_named
 from dit_kernels.models.shared import FusedAttnProcessor
-from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
+from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TEXT_LEN = 7
 LATENT = (8, 12)  # latent rows x cols: a non-square image, 4 x 6 patches
 CAPTION_CHANNELS = 32
@@ -62,8 +61,7 @@ def pixart_inputs(dtype: torch.dtype, batch: int = 2, variant: str = "sigma") ->
 # ----------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype, backend", PRECISION_CASES)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_patched_parity(variant, batch, dtype, backend):
@@ -185,6 +183,7 @@ def test_lora_before_patch_matches_eager():
     torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
+@pytest.mark.slow  # torch.compile: the representative one is DiT's (tests/test_model_dit.py)
 def test_patched_model_under_torch_compile_matches_eager():
     model = tiny_pixart()
     inputs = pixart_inputs(torch.float32)

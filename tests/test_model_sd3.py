@@ -17,11 +17,10 @@ import dit_kernels
 from dit_kernels.bench import zoo
 from dit_kernels.models import sd3, shared
 from dit_kernels.patching import OpBackends
-from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
+from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
 from tolerances import assert_within_eager_bound
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TEXT_LEN = 7
 LATENT = (8, 12)  # latent pixels (height, width): 4 x 6 patches of 2 x 2, a non-square image
 VARIANTS = {"sd3": {}, "sd35": dict(num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0, 1))}
@@ -50,8 +49,7 @@ def sd3_inputs(dtype: torch.dtype, batch: int = 2) -> dict:
 # ----------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype, backend", PRECISION_CASES)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_patched_parity(variant, batch, dtype, backend):
@@ -287,6 +285,7 @@ def test_lora_before_patch_matches_eager(variant):
     torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
+@pytest.mark.slow  # torch.compile: the representative one is DiT's (tests/test_model_dit.py)
 def test_patched_model_under_torch_compile_matches_eager():
     model = tiny_sd3("sd35")
     inputs = sd3_inputs(torch.float32)

@@ -197,6 +197,7 @@ def test_lora_matches_eager(order):
     torch.testing.assert_close(forward(model, inputs), eager, rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
+@pytest.mark.slow  # torch.compile: the representative one is DiT's (tests/test_model_dit.py)
 def test_patched_model_under_torch_compile_matches():
     model = tiny_model()
     inputs = model_inputs(tiny_model())

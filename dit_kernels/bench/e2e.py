@@ -160,7 +160,8 @@ def run(setting: Setting, *, repeats: Optional[int] = None, budget_s: float = ti
     notes = [p.note for p in paths if p.note] + [_graphs_note(p) for p in paths if graph_runners(p.model)]
     notes += [_cache_note(p) for p in paths if p.cache is not None]
     coverage = measured.ratio(eager, eager).coverage  # the same for every row: same rounds
-    notes.append(f"vs eager: median of the per-round ratios; interval: its distribution-free {coverage:.0%} interval")
+    notes.append(f"vs eager: median of the per-round ratios; vs eager interval: distribution-free, holds the true "
+                 f"median with probability {coverage:.0%}")  # fmt: skip
     patched = next(p for p in paths if p.label == "patched")
     return {"rows": rows, "tokens": f"{tokens}+{shape.text_len}" if shape.text_len else str(tokens), "notes": notes,
             "warnings": measured.warnings(eager), "timing": measured,
