@@ -128,9 +128,10 @@ class _DiTDigits:
         return torch.randn(count, 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
 
     @staticmethod
-    def predict(bundle: "BuiltinModel", x: Tensor, timestep: Tensor, labels: Tensor) -> Tensor:
+    def predict(bundle: "BuiltinModel", x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         model = bundle.transformer
-        out = model(x, timestep=timestep.expand(x.shape[0]), class_labels=labels, return_dict=False)[0]
+        timestep = t.reshape(1).to(x.device).expand(x.shape[0])  # DiTPipeline: the scheduler's timestep as is
+        out = model(x, timestep=timestep, class_labels=labels, return_dict=False)[0]
         return out[:, : model.config.in_channels]
 
     @staticmethod
@@ -156,13 +157,14 @@ class _FluxDigits:
         return pack(torch.randn(count, 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator))
 
     @staticmethod
-    def predict(bundle: "BuiltinModel", x: Tensor, timestep: Tensor, labels: Tensor) -> Tensor:
+    def predict(bundle: "BuiltinModel", x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         tokens, pooled = bundle.extras(labels)
+        timestep = t.reshape(1).to(x).expand(x.shape[0])  # FluxPipeline: in the latents' dtype, then / 1000
         return bundle.transformer(
             hidden_states=x,
             encoder_hidden_states=tokens,
             pooled_projections=pooled,
-            timestep=(timestep / 1000).expand(x.shape[0]),  # FluxPipeline's convention: sigma in [0, 1]
+            timestep=timestep / 1000,
             img_ids=image_ids().to(x),
             txt_ids=torch.zeros(tokens.shape[1], 3).to(x),
             return_dict=False,
@@ -221,12 +223,12 @@ def sample(
     guidance: float = 1.0,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """Generate one ``(1, 16, 16)`` image in [-1, 1] per class label (fp32, on the CPU).
+    """Generate one ``(1, 16, 16)`` image in [-1, 1] per class label (fp32, returned on the CPU).
 
     ``guidance`` > 1: classifier-free guidance ``u + guidance (c - u)``, the conditional and ``NULL_CLASS``
     halves batched into one transformer call per step; 1: conditional only. The initial noise is drawn
-    on the CPU from ``generator`` (same seed, same noise on any device or dtype); the scheduler steps run
-    in fp32."""
+    on the CPU from ``generator`` (same seed, same noise on any device or dtype); the latents stay on the
+    model's device in fp32 (the transformer gets them in its dtype), as the diffusers pipelines keep them."""
     labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     if labels.numel() == 0 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise ValueError(f"labels must be a non-empty list of classes in 0..{NUM_CLASSES - 1}, got {labels.tolist()}")
@@ -234,17 +236,15 @@ def sample(
     device, dtype = model.device, model.dtype
     scheduler = type(bundle.scheduler).from_config(bundle.scheduler.config)  # fresh step state per call
     scheduler.set_timesteps(steps)
-    x = adapter.noise(bundle, labels.numel(), generator)
+    x = adapter.noise(bundle, labels.numel(), generator).to(device)
     guided = guidance > 1.0
     call_labels = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if guided else labels
     call_labels = call_labels.to(device)
     for t in scheduler.timesteps:
-        model_input = torch.cat([x, x]) if guided else x
-        timestep = torch.as_tensor(t, device=device, dtype=dtype).reshape(1)
-        out = adapter.predict(bundle, model_input.to(device=device, dtype=dtype), timestep, call_labels)
-        out = out.float().cpu()
+        model_input = (torch.cat([x, x]) if guided else x).to(dtype)
+        out = adapter.predict(bundle, model_input, t, call_labels).float()
         if guided:
             cond, uncond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
         x = scheduler.step(out, t, x).prev_sample
-    return adapter.to_images(x).clamp(-1, 1)
+    return adapter.to_images(x).clamp(-1, 1).cpu()
