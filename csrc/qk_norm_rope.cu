@@ -5,6 +5,7 @@
 #include "dit_kernels/dtype_dispatch.cuh"
 #include "dit_kernels/launch.h"
 #include "dit_kernels/qk_norm_rope.cuh"
+#include "dit_kernels/qk_norm_rope_across.cuh"
 
 namespace dk {
 
@@ -13,6 +14,14 @@ int launch_qk_norm_rope(DType dtype, const QkNormRopeParams& p, std::uintptr_t s
   int access_bytes = 0;
   with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    if (p.across_heads) {
+      access_bytes = int(sizeof(T));
+      const int64_t grid = qk_norm_rope_across_grid(p, int64_t(1) << 30);
+      if (grid == 0) return;
+      qk_norm_rope_across_kernel<T><<<dim3(unsigned(grid), unsigned(p.n_slots)), dim3(kQkNormRopeAcrossBlock), 0,
+                                      reinterpret_cast<cudaStream_t>(stream)>>>(p);
+      return;
+    }
     const QkNormRopeLaunch shape = qk_norm_rope_launch<T>(p, int64_t(1) << 30);
     access_bytes = shape.vector ? 16 : int(sizeof(T));
     if (shape.grid == 0) return;

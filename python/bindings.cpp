@@ -70,7 +70,7 @@ dk::QkNormRopeSlot qk_slot(const QkSlot& t, const char* name, bool required, int
 
 int qk_norm_rope(const std::string& dtype, int64_t batch, int64_t heads, int64_t head_dim, const QkSlot& q,
                   const QkSlot& k, const QkSlot& v, int norm, float eps, std::uintptr_t cos, std::uintptr_t sin,
-                  int64_t rope_offset, int64_t rope_stride, bool rope_half, std::uintptr_t stream) {
+                  int64_t rope_offset, int64_t rope_stride, bool rope_half, bool across_heads, std::uintptr_t stream) {
   if (batch < 0 || heads <= 0 || head_dim <= 0 || head_dim > dk::kQkNormRopeMaxHeadDim) {
     throw std::invalid_argument("qk_norm_rope: need batch >= 0, heads > 0 and 0 < head_dim <= " +
                                 std::to_string(dk::kQkNormRopeMaxHeadDim) + ", got head_dim " +
@@ -97,6 +97,7 @@ int qk_norm_rope(const std::string& dtype, int64_t batch, int64_t heads, int64_t
   p.rope_offset = rope_offset;
   p.rope_stride = rope_stride;
   p.rope_half = rope_half;
+  p.across_heads = across_heads;
   py::gil_scoped_release release;
   return dk::launch_qk_norm_rope(type, p, stream);
 }
@@ -115,10 +116,11 @@ PYBIND11_MODULE(DK_MODULE_NAME, m) {
         py::arg("bias"), py::arg("eps"), py::arg("normalize"), py::arg("stream"));
   m.def("qk_norm_rope", &qk_norm_rope,
         "Per-head QK norm + RoPE into (joint) buffers, V copied; one launch for q, k, v "
-        "(csrc/include/dit_kernels/qk_norm_rope.cuh). Slots: (src, src_sb, src_ss, src_sh, seq_len, dst, dst_sb, "
+        "(csrc/include/dit_kernels/qk_norm_rope.cuh; across_heads: each token's H * Dh values normalised "
+        "together, qk_norm_rope_across.cuh). Slots: (src, src_sb, src_ss, src_sh, seq_len, dst, dst_sb, "
         "dst_ss, dst_sh, weight, bias, normalize, rotate), src 0 = absent; returns the bytes per global access "
         "(16: vector path, else the element size)",
         py::arg("dtype"), py::arg("batch"), py::arg("heads"), py::arg("head_dim"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("norm"), py::arg("eps"), py::arg("cos"), py::arg("sin"), py::arg("rope_offset"),
-        py::arg("rope_stride"), py::arg("rope_half"), py::arg("stream"));
+        py::arg("rope_stride"), py::arg("rope_half"), py::arg("across_heads"), py::arg("stream"));
 }

@@ -23,6 +23,7 @@ qk_norm_rope = importlib.import_module("dit_kernels.ops.qk_norm_rope")
 CUDA_KERNELS_PER_ARCH = {
     "norm_modulate_kernel": 6,  # <{float, half, bf16}, VECTOR {false, true}>
     "qk_norm_rope_kernel": 6,  # <{float, half, bf16}, VECTOR {false, true}>
+    "qk_norm_rope_across_kernel": 3,  # <{float, half, bf16}>
 }
 VECTOR_FAMILIES = ("norm_modulate[", "qk_norm_rope[")  # the bandwidth-bound kernels: 16-byte vectors or bust
 

@@ -229,7 +229,8 @@ def launch_qk_norm_rope(q, k, v, weight, bias, cos, sin, *, norm, rope, offset, 
         str(q.dtype).removeprefix("torch."), batch, heads, dim,
         _qk_slot(q, dests[0], weight, bias), _qk_slot(k, dests[1], weight, bias),
         _qk_slot(v, dests[2], None, None, normalize=False, rotate=False),
-        {"rms": 1, "layer": 2}[norm], 1e-6, cos.data_ptr(), sin.data_ptr(), offset, cos.stride(0), rope == "half", 0,
+        {"rms": 1, "layer": 2}[norm], 1e-6, cos.data_ptr(), sin.data_ptr(), offset, cos.stride(0), rope == "half",
+        False, 0,  # across_heads, stream
     )  # fmt: skip
     return access, dests
 

@@ -116,6 +116,19 @@ def test_keep_in_fp32_modules_loading_patches_and_matches(tmp_path, variant, dty
     assert torch.equal(forward(model, inputs), eager)
 
 
+def test_cuda_kernels_run_the_attention_and_leave_the_blocks_to_diffusers():
+    """backend="cuda_emu" (the CUDA C++ source on CPU): qk_norm_rope's across-heads kernel in the processors;
+    the norm kernel takes no fp32 modulation, so the block forwards stay diffusers' and the report says so."""
+    model = tiny_wan()
+    inputs = wan_inputs(torch.float32, 1)
+    truth = forward(model, inputs)
+    report = dit_kernels.patch(model, backend="cuda_emu")
+    assert [r.split(":")[0] for r in report.replaced] == [f"blocks.{i}.{a}.processor" for i in range(2)
+                                                          for a in ("attn1", "attn2")]  # fmt: skip
+    assert len(report.fallbacks) == 2 and "takes no fp32 parameters" in report.fallbacks[0]
+    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
 def test_report_lists_every_replacement_and_unpatch_restores_processors():
     model = tiny_wan()
     processors = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}

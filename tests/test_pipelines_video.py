@@ -118,17 +118,19 @@ def test_step_cache_state_per_transformer_and_the_boundary_is_a_fresh_start():
     """Threshold 0: the cached A14B pipeline's video is the uncached one bit for bit. A threshold no change
     reaches: ``transformer`` (2 high-noise steps) and ``transformer_2`` (2 low-noise steps, its own state)
     each compute their first step (warm-up: the boundary is a fresh start, never a skip of the first
-    transformer's residual) and skip the next; each step's cond and uncond calls are two branches."""
+    transformer's residual); the first skips its second step, the second computes its last, the sampling's
+    final step (its step count is the steps left when it joins); each step's cond and uncond calls are two
+    branches."""
     with patched("wan_a14b", backend="torch") as _:
         uncached = run("wan_a14b")
     with patched("wan_a14b", backend="torch", cache=dit_kernels.CacheConfig(threshold=0.0)) as (pipe, _):
         assert torch.equal(run("wan_a14b"), uncached)
-    always = dit_kernels.CacheConfig(threshold=1e9, warmup_steps=1, final_steps_computed=0)
+    always = dit_kernels.CacheConfig(threshold=1e9, warmup_steps=1, final_steps_computed=1)
     with patched("wan_a14b", backend="torch", cache=always) as (pipe, _):
         run("wan_a14b")
-        for transformer in (pipe.transformer, pipe.transformer_2):
+        for transformer, second, num_steps in ((pipe.transformer, "skip", 4), (pipe.transformer_2, "compute", 2)):
             call = dit_kernels.cache_stats(transformer)["calls"][-1]
-            assert call["steps"] == 2
+            assert call["steps"] == 2 and call["num_steps"] == num_steps
             assert [(e["step"], e["branch"], e["decision"]) for e in call["trace"]] == [
-                (0, 0, "compute"), (0, 1, "compute"), (1, 0, "skip"), (1, 1, "skip")]
+                (0, 0, "compute"), (0, 1, "compute"), (1, 0, second), (1, 1, second)]
             assert call["trace"][0]["reason"] == "warm-up"

@@ -195,6 +195,23 @@ def test_emulated_custom_ops_registration():
 # -------------------------------------------------------------------------------------- bad input
 
 
+# across_heads (Wan's whole-projection norm, qk_norm_rope_across.cuh): heads x head dim, (norm, rope) pairs
+ACROSS = [(dtype, shape, *pair) for dtype, (shape, pair) in itertools.product(DTYPES, zip(
+    [(3, 8), (5, 24), (2, 72)], [("rms", "interleaved"), ("layer", "half"), (None, "interleaved")]))]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ACROSS, ids=lambda c: f"{str(c[0])[6:]}-H{c[1][0]}xDh{c[1][1]}-{c[2]}-{c[3]}")
+def test_emulated_across_heads_kernel_matches_reference(case):
+    """Each token normalised over all its heads (weight / bias [H * Dh]), then RoPE per head; V copied; a
+    one-row table broadcast in the last case of each dtype."""
+    dtype, (heads, dim), norm, rope = case
+    q, k, v = qkv(dtype, dim, heads=heads)
+    params = {} if norm is None else vectors(dtype, heads * dim, bias=norm == "layer")
+    rotary = rope_kwargs(dim, rope, rows=1 if norm is None else 96)
+    check_against_reference("cuda_emu", q, k, str(case), v=v, norm=norm, seq_offset=0 if norm is None else 2,
+                            across_heads=True, **params, **rotary)  # fmt: skip
+
+
 def test_head_dim_limit_and_binding_validation():
     q, k, _ = qkv(torch.float32, 514, sq=1, sk=1, batch=1, heads=1)
     with pytest.raises(ValueError, match=f"head_dim <= {MAX_CUDA_HEAD_DIM}"):
@@ -204,7 +221,7 @@ def test_head_dim_limit_and_binding_validation():
     slot = (x.data_ptr(), 16, 16, 16, 1, x.data_ptr(), 16, 16, 16, 0, 0, True, False)
     absent = (0,) * 11 + (False, False)
     base = dict(dtype="float32", batch=1, heads=1, head_dim=16, q=slot, k=slot, v=absent, norm=1, eps=1e-6,
-                cos=0, sin=0, rope_offset=0, rope_stride=16, rope_half=False, stream=0)  # fmt: skip
+                cos=0, sin=0, rope_offset=0, rope_stride=16, rope_half=False, across_heads=False, stream=0)  # fmt: skip
     native.qk_norm_rope(**base)  # a valid call
     bad = [
         ({"dtype": "int8"}, "unsupported dtype"),
@@ -259,6 +276,20 @@ def test_gpu_joint_buffer_and_fused_projection(dtype):
         assert all(w.data_ptr() == b[:, offset].data_ptr() for w, b in zip(written, buffers))
         offset += seq
     assert not any((b == 7.0).all(dim=-1).any() for b in buffers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_across_heads_matches_reference(backend, dtype):
+    """Wan 2.1 1.3B's self-attention prologue: 12 heads x 128, q/k normalised over the whole projection
+    (views of a fused QKV projection), its 3D RoPE; and 14B's 40 heads without RoPE (cross-attention)."""
+    for heads, rope in ((12, "interleaved"), (40, None)):
+        fused = (torch.randn(1, 1560, 3, heads, 128, device="cuda") + 0.3).to(dtype)
+        q, k, v = fused.unbind(2)
+        params = vectors(dtype, heads * 128, bias=False, device="cuda")
+        check_against_reference(backend, q, k, f"{backend} H{heads}", v=v, across_heads=True, **params,
+                                **rope_kwargs(128, rope, device="cuda", rows=1560))  # fmt: skip
 
 
 @pytest.mark.gpu

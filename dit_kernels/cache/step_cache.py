@@ -124,6 +124,8 @@ class StepCache:
         self.key = key
         if t is None or t != self.timestep:
             self.step, self.branch, self.timestep = self.step + 1, 0, t
+            if self.step == 0:  # a pipeline's second transformer joins mid-loop (Wan 2.2 A14B): its steps left
+                self.num_steps = self._steps_of_pipeline() or self.num_steps
             self._call().steps += 1
         else:
             self.branch += 1
@@ -210,13 +212,15 @@ class StepCache:
 
 
 def steps_left(scheduler) -> Optional[int]:
-    """Denoising steps a scheduler has ahead: its timesteps after ``begin_index`` (img2img starts late), one
-    step per ``order`` timesteps (Heun visits each but the first twice); None when it has none yet."""
+    """Denoising steps a scheduler has ahead: its timesteps from the current one (``step_index`` once it has
+    stepped, else ``begin_index``: img2img starts late), one step per ``order`` timesteps (Heun visits each
+    but the first twice); None when it has none yet."""
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None:
         return None
-    begin = getattr(scheduler, "begin_index", None) or 0
-    return math.ceil((len(timesteps) - begin) / getattr(scheduler, "order", 1))
+    index = getattr(scheduler, "step_index", None)
+    start = index if index is not None else getattr(scheduler, "begin_index", None) or 0
+    return math.ceil((len(timesteps) - start) / getattr(scheduler, "order", 1))
 
 
 class _Run:

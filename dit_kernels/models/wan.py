@@ -78,6 +78,7 @@ from dit_kernels.parallel.plan import gather, split, split_output
 from dit_kernels.patching import BlockLayout, OpBackends, Patcher
 
 NAME = "wan"
+NATIVE_BACKENDS = ("cuda", "cuda_emu")  # the CUDA C++ kernels (dit_kernels._C, its CPU emulation)
 TEXT_CONTEXT = 512  # WanAttnProcessor: the text context length, hard-coded by diffusers (the rest is image)
 
 
@@ -140,9 +141,17 @@ _check_unwrapped = functools.partial(check_unwrapped, family=NAME)
 
 
 def apply(transformer: WanTransformer3DModel, patcher: Patcher) -> None:
-    """Swap every block's forward and its self- and cross-attention processors."""
+    """Swap every block's forward and its self- and cross-attention processors. The CUDA C++ norm kernel
+    reads its parameters in the input dtype, and Wan's modulation is fp32: on that backend the block
+    forwards stay diffusers' (reported), the attention processors are swapped."""
     forward = _block_forward(patcher.ops)
-    for block in transformer.blocks:
+    for i, block in enumerate(transformer.blocks):
+        if patcher.ops.norm in NATIVE_BACKENDS:
+            patcher.fallback(f"blocks.{i}.forward", f"the {patcher.ops.norm} norm_modulate kernel takes no fp32 "
+                             "parameters with a bf16/fp16 input, and Wan's modulation is fp32")  # fmt: skip
+            for attention in (block.attn1, block.attn2):
+                patcher.set_processor(attention, WanFusedAttnProcessor(attention.processor, patcher.ops))
+            continue
         what = "layernorm_modulate, gated_residual_layernorm_modulate x2, gated_residual"
         if type(block.norm2) is nn.Identity:
             what = "layernorm_modulate, gated_residual, gated_residual_layernorm_modulate, gated_residual"

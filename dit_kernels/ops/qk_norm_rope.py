@@ -437,19 +437,18 @@ MAX_CUDA_HEAD_DIM = 512  # kQkNormRopeMaxHeadDim (csrc/include/dit_kernels/param
 
 
 def _launch_native(module, stream: int, slots, norm, eps, cos, sin, rope, seq_offset, across_heads) -> None:
-    """One launch of qk_norm_rope_kernel (csrc/include/dit_kernels/qk_norm_rope.cuh) for all slots."""
+    """One launch of qk_norm_rope_kernel (csrc/include/dit_kernels/qk_norm_rope.cuh), or with ``across_heads``
+    of qk_norm_rope_across_kernel (qk_norm_rope_across.cuh), for all slots."""
     q, k, *rest = slots
     batch, _, heads, dim = q.source.shape
     if dim > MAX_CUDA_HEAD_DIM:
         raise ValueError(f"the CUDA qk_norm_rope kernel takes head_dim <= {MAX_CUDA_HEAD_DIM}, got {dim}")
-    if across_heads:
-        raise ValueError("the CUDA qk_norm_rope kernel normalises per head only (across_heads=False)")
     absent = (0,) * 11 + (False, False)
     module.qk_norm_rope(
         str(q.source.dtype).removeprefix("torch."), batch, heads, dim,
         _native_slot(q), _native_slot(k), _native_slot(rest[0]) if rest else absent,
         NORMS[norm], eps, _pointer(cos), _pointer(sin), seq_offset, 0 if cos is None else cos.stride(0),
-        rope == "half", stream,
+        rope == "half", across_heads, stream,
     )  # fmt: skip
 
 

@@ -68,6 +68,8 @@ struct QkNormRopeParams {
   int64_t rope_offset;
   int64_t rope_stride;  // elements between cos/sin rows: Dh, or 0 for one row broadcast over the sequence
   bool rope_half;       // false: interleaved pairs (x0, x1) -> (-x1, x0); true: halves (a, b) -> (-b, a)
+  bool across_heads;    // normalise each token's H * Dh values together, weight / bias [H * Dh]
+                        // (qk_norm_rope_across.cuh); else each head's Dh values (qk_norm_rope.cuh)
 };
 
 }  // namespace dk
