@@ -437,7 +437,8 @@ def test_whole_pipeline_recaptures_per_resolution_and_batch_and_evicts(name):
 
 # Step-cache settings whose decisions the rules force, whatever the model: step 0 computed (warm-up), then
 # skipped up to the cap of 3, then computed (cap), the last step computed (final steps).
-FORCED_SKIPS = dit_kernels.CacheConfig(threshold=1e9, warmup_steps=1, final_steps_computed=1)
+FORCED_SKIPS = dit_kernels.CacheConfig(threshold=1e9, warmup_steps=1, final_steps_computed=1,
+                                       max_consecutive_skips=3)  # the trace below, whatever the default cap
 FORCED_TRACE = ["compute", "skip", "skip", "skip", "compute", "compute"]
 
 
