@@ -438,38 +438,44 @@ def _check_pair(residual: Tensor, y: Tensor) -> None:
 
 
 _STRIDES = tuple(f"{name}_{s}" for name in ("x", "y", "gate", "shift", "scale") for s in ("sb", "ss"))
-# (dtype, BLOCK_D, aligned) compiled by the default test run: the model widths (1152, 1408, 1536: BLOCK_D 2048;
-# 3072: 4096), fp32's largest live tile, and the scalar path
-AOT_REPRESENTATIVE = {("bf16", 2048, True), ("bf16", 4096, True), ("fp32", 4096, True), ("bf16", 128, False)}
+# (dtype, BLOCK_D, aligned, fp32 parameters) compiled by the default test run: the model widths (1152, 1408,
+# 1536: BLOCK_D 2048; 3072: 4096), fp32's largest live tile, the scalar path, Wan 1.3B's fp32 modulation
+AOT_REPRESENTATIVE = {("bf16", 2048, True, False), ("bf16", 4096, True, False), ("fp32", 4096, True, False),
+                      ("bf16", 128, False, False), ("bf16", 2048, True, True)}  # fmt: skip
 
 
-def aot_spec(dtype: str, config: TritonConfig, aligned: bool = True) -> AotSpec:
+def aot_spec(dtype: str, config: TritonConfig, aligned: bool = True, fp32_parameters: bool = False) -> AotSpec:
     """The AotSpec of the kernel the launcher runs with ``config`` for ``dtype`` ("fp32"/"bf16"), every
     feature on (the most registers). Aligned (D a multiple of 16, as every model's width): pointers,
     strides and D are multiples of 16, as the launcher specializes them, and every global load and store
-    must be a vector (``vector_io``). Unaligned (D = 100, say): nothing known aligned; scalar allowed."""
+    must be a vector (``vector_io``). Unaligned (D = 100, say): nothing known aligned; scalar allowed.
+    ``fp32_parameters``: gate/shift/scale/weight/bias fp32 with a ``dtype`` input (Wan's modulation)."""
     pointer = f"*{dtype}"
+    parameter = "*fp32" if fp32_parameters else pointer
     signature = {"out_ptr": pointer, "h_ptr": pointer}
     for name in ("x", "y", "gate", "shift", "scale"):
-        signature.update({f"{name}_ptr": pointer, f"{name}_sb": "i32", f"{name}_ss": "i32"})
-    signature.update({"weight_ptr": pointer, "bias_ptr": pointer})
+        kind = pointer if name in ("x", "y") else parameter
+        signature.update({f"{name}_ptr": kind, f"{name}_sb": "i32", f"{name}_ss": "i32"})
+    signature.update({"weight_ptr": parameter, "bias_ptr": parameter})
     signature.update({"n_rows": "i32", "seq_len": "i32", "dim": "i32", "eps": "fp32"})
     flags = ("HAS_Y", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE", "HAS_WEIGHT", "HAS_BIAS", "NORMALIZE")
     constexprs = {flag: True for flag in flags} | {"BLOCK_M": config.block_m, "BLOCK_D": config.block_d}
     pointers = tuple(name for name, ty in signature.items() if ty.startswith("*"))
     return AotSpec.build(
-        f"norm_modulate[{dtype},{'aligned' if aligned else 'unaligned'},BLOCK_M={config.block_m},"
-        f"BLOCK_D={config.block_d},warps={config.num_warps}]",
+        f"norm_modulate[{dtype}{'+fp32 parameters' if fp32_parameters else ''},"
+        f"{'aligned' if aligned else 'unaligned'},BLOCK_M={config.block_m},BLOCK_D={config.block_d},"
+        f"warps={config.num_warps}]",
         _norm_modulate_kernel, signature, constexprs, num_warps=config.num_warps,
         divisible_by_16=(*pointers, *_STRIDES, "dim") if aligned else (), vector_io=aligned,
-        representative=(dtype, config.block_d, aligned) in AOT_REPRESENTATIVE,
+        representative=(dtype, config.block_d, aligned, fp32_parameters) in AOT_REPRESENTATIVE,
     )  # fmt: skip
 
 
 def aot_specs() -> list[AotSpec]:
     """Every config ``triton_config`` can pick: aligned for fp32 and bf16, unaligned for bf16 (the
-    scalar path: one 64-bit address per element, the most registers). Compiled for sm_80 / sm_90a by
+    scalar path: one 64-bit address per element, the most registers), aligned bf16 with fp32 parameters. Compiled for sm_80 / sm_90a by
     ``dit_kernels.aot`` to prove no spills and vector accesses where aligned."""
     configs = triton_configs()
     cases = [(dtype, config, True) for dtype in ("fp32", "bf16") for config in configs]
-    return [aot_spec(*case) for case in cases + [("bf16", config, False) for config in configs]]
+    mixed = [aot_spec("bf16", config, True, fp32_parameters=True) for config in configs]  # Wan
+    return [aot_spec(*case) for case in cases + [("bf16", config, False) for config in configs]] + mixed

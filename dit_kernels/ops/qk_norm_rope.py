@@ -751,7 +751,7 @@ def _across_aot_specs():
     """``across_heads``: every config ``across_config`` can pick, every feature on, as bf16 with interleaved
     RoPE (Wan's) and as fp32 with the half layout: each config, dtype and layout compiled at least once for
     half the compile time of all four pairings (all four fit with 0 spills, at most 136 registers, measured
-    with ``python -m dit_kernels.aot -k qk_norm_rope_across``)."""
+    with ``python -m dit_kernels.aot -k qk_norm_rope_across``). Representative: Wan's (bf16, head dim 128)."""
     specs = []
     for (dtype, half), config in itertools.product((("bf16", False), ("fp32", True)), across_configs()):
         signature = _slots_signature(f"*{dtype}") | {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "batch": "i32",
@@ -764,5 +764,6 @@ def _across_aot_specs():
         specs.append(AotSpec.build(
             f"qk_norm_rope_across[{dtype},{'half' if half else 'interleaved'},{name},warps={config.num_warps}]",
             _qk_norm_rope_across_kernel, signature, flags | blocks, num_warps=config.num_warps,
+            representative=dtype == "bf16" and config.block_d == 128,
         ))  # fmt: skip
     return specs
