@@ -110,3 +110,14 @@ def assert_compiled_matches(model: torch.nn.Module, inputs: dict) -> None:
     torch._dynamo.reset()
     compiled = torch.compile(model, dynamic=False)
     torch.testing.assert_close(forward(compiled, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
+def assert_fails_as_eager(model: torch.nn.Module, inputs: dict) -> None:
+    """Inputs diffusers itself cannot run (a shape its model does not take): the patched model fails with
+    diffusers' own error, message for message."""
+    with pytest.raises(RuntimeError) as eager:
+        forward(model, inputs)
+    dit_kernels.patch(model, backend="torch")
+    with pytest.raises(RuntimeError) as patched:
+        forward(model, inputs)
+    assert str(patched.value) == str(eager.value)

@@ -17,7 +17,7 @@ import dit_kernels
 from dit_kernels.models import latte
 from dit_kernels.models.shared import FusedAttnProcessor
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
-from patch_parity import assert_refused_unchanged, forward
+from patch_parity import assert_fails_as_eager, assert_refused_unchanged, forward
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TINY = latte.CONFIGS["tiny"]
@@ -135,14 +135,7 @@ def test_unrecognised_model_refused_and_unchanged(mutate, message):
 def test_a_frame_count_other_than_the_model_s_fails_as_in_diffusers():
     """The temporal position table has ``video_length`` rows: diffusers fails on 2 frames, and so does the
     patched model, with diffusers' own error."""
-    model = tiny_latte()
-    inputs = latte_inputs(torch.float32, 1, frames=2)
-    with pytest.raises(RuntimeError) as eager:
-        forward(model, inputs)
-    dit_kernels.patch(model, backend="torch")
-    with pytest.raises(RuntimeError) as patched:
-        forward(model, inputs)
-    assert str(patched.value) == str(eager.value)
+    assert_fails_as_eager(tiny_latte(), latte_inputs(torch.float32, 1, frames=2))
 
 
 # ----------------------------------------------------------------------------------------- LoRA, compile

@@ -18,7 +18,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 import dit_kernels
 from dit_kernels.models import wan
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
-from patch_parity import assert_refused_unchanged, forward
+from patch_parity import assert_fails_as_eager, assert_refused_unchanged, forward
 from tolerances import assert_within_eager_bound
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -219,14 +219,7 @@ def test_latents_not_dividing_the_patch_behave_as_diffusers(latent):
 
 def test_more_frames_than_the_rope_table_fail_as_in_diffusers():
     """rope_max_seq_len rows per axis: more latent frames fail in diffusers' own RoPE, patched or not."""
-    model = tiny_wan(rope_max_seq_len=2)
-    inputs = wan_inputs(torch.float32, 1)
-    with pytest.raises(RuntimeError) as eager:
-        forward(model, inputs)
-    dit_kernels.patch(model, backend="torch")
-    with pytest.raises(RuntimeError) as patched:
-        forward(model, inputs)
-    assert str(patched.value) == str(eager.value)
+    assert_fails_as_eager(tiny_wan(rope_max_seq_len=2), wan_inputs(torch.float32, 1))
 
 
 # ----------------------------------------------------------------------------------------- dispatch

@@ -14,12 +14,11 @@ import contextlib
 
 import pytest
 import torch
-from diffusers.utils import logging as diffusers_logging
 
 import dit_kernels
 import tiny_pipelines
 from patch_parity import assert_unchanged, snapshot
-from test_pipelines import assert_fp32_close
+from test_pipelines import assert_fp32_close, quiet_diffusers  # noqa: F401 (an autouse fixture: notices of cast pipelines)
 from tolerances import assert_within_eager_bound
 
 WAN = dict(guidance_scale=5.0, height=32, width=48, num_frames=9, output_type="latent")  # latents [1, 4, 3, 4, 6]
@@ -47,15 +46,6 @@ def patched(name: str, dtype: torch.dtype = torch.float32, **kwargs):
         yield pipe, report
     finally:
         dit_kernels.unpatch(pipe)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def quiet_diffusers():
-    """Silence diffusers' notices expected here (casting whole pipelines, Wan without a VAE)."""
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    yield
-    diffusers_logging.set_verbosity(level)
 
 
 # ----------------------------------------------------------------------------------------- parity
