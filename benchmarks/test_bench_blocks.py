@@ -2,7 +2,7 @@
 config: DiT-S/2 for DiT), eager diffusers vs ``dit_kernels.patch``, in one benchmark group per family.
 
 On a GPU: bf16 at the real 1024 px shapes of the traffic model (256 px for DiT), the Triton kernels.
-On CPU: fp32, DESIGN.md's tiny configs (a real-width block takes seconds on 2 cores) at a 16 x 16 latent
+On CPU: fp32, the families' tiny configs (a real-width block takes seconds on 2 cores) at a 16 x 16 latent
 with 32 text tokens, the torch reference ops: a check that the patched path costs no more than eager's
 on CPU; the speed is on the GPU."""
 

@@ -22,7 +22,7 @@ from patch_parity import assert_refused_unchanged, forward
 
 LATENT = (8, 12)  # latent height x width: a 4 x 6 token grid (patch 2), non-square 2-D RoPE
 VARIANTS = {
-    "v1.1": {},  # DESIGN.md §4's tiny config: 4 blocks, use_style_cond_and_image_meta_size=True
+    "v1.1": {},  # the registry's tiny config: 4 blocks, use_style_cond_and_image_meta_size=True
     "v1.1-6": {"num_layers": 6},
     "v1.2": {"use_style_cond_and_image_meta_size": False, "mlp_ratio": 4.3637},  # FFN width int(16 * 4.3637) = 69
 }

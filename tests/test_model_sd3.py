@@ -27,7 +27,7 @@ VARIANTS = {"sd3": {}, "sd35": dict(num_layers=3, qk_norm="rms_norm", dual_atten
 
 
 def tiny_sd3(variant: str = "sd3", **overrides) -> SD3Transformer2DModel:
-    """DESIGN.md §4's tiny SD3 (2 blocks: a normal one, then the context_pre_only one) or SD3.5 (3 blocks,
+    """The registry's tiny SD3 (2 blocks: a normal one, then the context_pre_only one) or SD3.5 (3 blocks,
     qk RMSNorm, dual attention in blocks 0 and 1), seeded."""
     torch.manual_seed(0)
     return zoo.build("sd3", "tiny", **{**VARIANTS[variant], **overrides})

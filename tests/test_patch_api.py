@@ -13,7 +13,7 @@ from patch_parity import FP32_ATOL, FP32_RTOL, assert_unchanged, forward, snapsh
 
 
 def tiny_model() -> torch.nn.Module:
-    """A supported transformer (tiny FLUX.1-dev, DESIGN.md §4), seeded."""
+    """A supported transformer (tiny FLUX.1-dev, the registry's config), seeded."""
     torch.manual_seed(0)
     return zoo.build("flux", "tiny")
 

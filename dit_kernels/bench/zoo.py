@@ -2,8 +2,8 @@
 
 Everything here reads the family's ``Family`` (``dit_kernels.models``): ``"real"`` configs have the published
 widths and depths (build them on the meta device for shape-only work), ``"small"`` is DiT-S/2 for DiT and
-the real width at the smallest depth with every block kind elsewhere, ``"tiny"`` are DESIGN.md §4's
-millisecond models. ``transformer_inputs`` makes one forward's keyword arguments for a ``Shape``.
+the real width at the smallest depth with every block kind elsewhere, ``"tiny"`` are the
+millisecond models of each family's file. ``transformer_inputs`` makes one forward's keyword arguments for a ``Shape``.
 """
 
 from __future__ import annotations
