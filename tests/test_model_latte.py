@@ -156,6 +156,7 @@ def test_lora_before_patch_matches_eager():
     torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
+@pytest.mark.slow  # torch.compile: the representative one is DiT's (tests/test_model_dit.py)
 def test_patched_model_under_torch_compile_matches_eager():
     assert_compiled_matches(tiny_latte(), latte_inputs(torch.float32))
 

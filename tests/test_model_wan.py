@@ -302,6 +302,7 @@ def test_lora_and_fused_projections(prepare):
     torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
+@pytest.mark.slow  # torch.compile: the representative one is DiT's (tests/test_model_dit.py)
 def test_patched_model_under_torch_compile_matches_eager():
     assert_compiled_matches(tiny_wan("ti2v"), wan_inputs(torch.float32, 2, "ti2v"))
 
