@@ -1,5 +1,8 @@
 """``python -m dit_kernels.bench`` (also ``dit-kernels-bench``): the README's main job.
 
+With neither ``--config`` nor ``--parallel``, the trained built-in models (``dit_kernels.bench.trained``:
+images, quality and diffusers' own caches; its own ``--help``). With ``--config tiny|small|real``:
+
 A denoising loop of one family's transformer (random weights, built from a config: no download): eager
 diffusers, ``dit_kernels.patch``-ed, patched + step cache (--cache; by default at the default threshold),
 patched + CUDA graphs (--cuda-graphs, CUDA only) and torch.compile (--compile); same process, same inputs,
@@ -15,12 +18,13 @@ blocks at real shapes: ``python -m dit_kernels.bench.traffic``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dit_kernels.bench import e2e, parallel, timing
+from dit_kernels.bench import e2e, parallel, timing, trained
 from dit_kernels.cache import CacheConfig
 from dit_kernels.bench.report import device_name, markdown, write
 from dit_kernels.models import DEFAULT_FAMILY, FAMILY_MODULES
@@ -61,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not any(arg.split("=")[0] in ("--config", "--parallel") for arg in argv):  # default: the trained models
+        return trained.main(argv)
     args = parse_args(argv)
     requested = dict(vars(args))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
