@@ -43,7 +43,7 @@ except ImportError:  # triton is a Linux dependency; without it only the torch a
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_DIM = 8192  # one row per tile: BLOCK_D = next_power_of_2(D), 8 fp32 values per thread, <= 32 warps
-MAX_CUDA_DIM = 12288  # the CUDA kernel keeps a row in shared memory: D * 4 bytes <= 48 KiB
+MAX_CUDA_DIM = 12288  # kNormModulateMaxDim (csrc params.h): a normalised row in registers, <= 24 values x 512 threads
 PARAMETERS = ("gate", "shift", "scale", "weight", "bias")  # may be fp32 with a lower-precision input
 
 
