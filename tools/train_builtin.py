@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import shlex
@@ -54,6 +55,11 @@ def build_dit() -> nn.Module:
     # block's label independently); the tables keep their null-class row NUM_CLASSES
     for block in model.transformer_blocks:
         block.norm1.emb.class_embedder.dropout_prob = 0.0
+    # adaLN-Zero init as the DiT paper (diffusers does not do it): each block starts as the identity (zero
+    # modulation, so zero gates) and the output as zero (zero final modulation and projection)
+    for linear in [block.norm1.linear for block in model.transformer_blocks] + [model.proj_out_1, model.proj_out_2]:
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
     return model
 
 
@@ -69,7 +75,9 @@ def build_flux() -> nn.Module:
     return nn.ModuleDict({"transformer": transformer, "prompts": builtin.LabelPrompts(4, width, width)})
 
 
+@functools.lru_cache(maxsize=None)
 def dit_schedulers():
+    """(the DDPM training scheduler, the DDIM sampling scheduler on the same betas)"""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     train = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
@@ -77,7 +85,7 @@ def dit_schedulers():
 
 
 def dit_loss(model, images, labels, generator) -> torch.Tensor:
-    train_scheduler, _ = dit_schedulers.cached
+    train_scheduler, _ = dit_schedulers()
     noise = torch.randn(images.shape, generator=generator)
     t = torch.randint(0, 1000, (images.shape[0],), generator=generator)
     noisy = train_scheduler.add_noise(images, noise, t)
@@ -153,24 +161,33 @@ def save(name: str, ema: nn.Module, out: Path) -> None:
     from safetensors.torch import save_file
 
     if name == "digits-dit":
-        transformer, scheduler = ema, dit_schedulers.cached[1]
+        transformer, scheduler = ema, dit_schedulers()[1]
     else:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        transformer, scheduler = ema["transformer"], FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        transformer = ema["transformer"]
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         prompts = {k: v.detach().to(torch.float16).contiguous() for k, v in ema["prompts"].state_dict().items()}
         save_file(prompts, str(out / builtin.LABEL_PROMPTS_FILE))
     copy.deepcopy(transformer).to(torch.float16).save_pretrained(str(out), safe_serialization=True)
     scheduler.save_pretrained(str(out))
 
 
-def plot_loss(out: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file backend, or None without matplotlib (no PNGs then)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_loss(out: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
         return
     rows = [line.split("\t") for line in (out / "train_log.tsv").read_text().splitlines()[1:]]
     steps, loss, loss_ema = ([float(r[i]) for r in rows] for i in range(3))
@@ -181,9 +198,6 @@ def plot_loss(out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss.png")
-
-
-dit_schedulers.cached = dit_schedulers()
 
 
 def evaluate(name: str, out: Path) -> dict:
@@ -201,19 +215,16 @@ def evaluate(name: str, out: Path) -> dict:
             per_class=[round(h.float().mean().item(), 2) for h in hits.view(builtin.NUM_CLASSES, -1)],
         )  # fmt: skip
         save_grid(images[:: EVAL_PER_CLASS // 10].view(builtin.NUM_CLASSES, 10, -1), out / f"samples_{key}.png")
-    result["real_digits_accuracy"] = (builtin.classify(builtin.digits()[0]) == builtin.digits()[1]).float().mean().item()
+    real_images, real_labels = builtin.digits()
+    result["real_digits_accuracy"] = (builtin.classify(real_images) == real_labels).float().mean().item()
     (out / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
     """``(rows, columns, 256)`` images in [-1, 1] as one grayscale PNG (rows: class 0..9)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return
     rows, cols, _ = images.shape
     side = builtin.IMAGE_SIZE
@@ -223,7 +234,8 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
 
 ARCHITECTURE = {
     "digits-dit": (
-        "`diffusers.DiTTransformer2DModel`, `norm_type=\"ada_norm_zero\"` (adaLN-Zero, the DiT paper's block): "
+        "`diffusers.DiTTransformer2DModel`, `norm_type=\"ada_norm_zero\"` (adaLN-Zero, the DiT paper's block, "
+        "with its zero init of every modulation and the output projection, which diffusers does not do): "
         "5 layers, 4 heads x 32 (hidden 128), patch 2 (16x16x1 -> 64 tokens), `in_channels=out_channels=1` "
         "(no learned sigma), `num_embeds_ada_norm=10` (label table rows 0-9 and the null class 10)."
     ),
