@@ -16,8 +16,10 @@ patched with ``dit_kernels.patch(bundle.transformer, cache=...)`` and sampled in
 Classifier-free guidance batches ``[conditional; unconditional]`` into that one call, as ``DiTPipeline``
 does (the two halves the step cache's ``cfg="per_half"`` separates).
 
-What each model needs to be called (DiT vs FLUX inputs) lives in one adapter class per model below
-(``_DiTDigits``, ``_FluxDigits``) and the ``_ADAPTERS`` table; nothing else here knows a family.
+The family conventions (how the pipeline passes the timestep, whether latents are packed into tokens)
+come from the transformer's ``Family`` (``dit_kernels.models``); what is particular to these models (how
+the class label conditions the call) lives in one adapter class per model below (``_DiTDigits``,
+``_FluxDigits``) and the ``_ADAPTERS`` table.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dit_kernels.models import family_of
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 IMAGE_SIZE = 16
@@ -117,30 +121,23 @@ class LabelPrompts(nn.Module):
 
 
 class _DiTDigits:
-    """DiT: images ``(B, 1, 16, 16)`` in, epsilon out (learned-sigma channels dropped, as DiTPipeline)."""
+    """DiT: the class label as ``class_labels``; learned-sigma output channels dropped, as DiTPipeline."""
 
     @staticmethod
     def load_extras(directory: Path, device, dtype) -> Optional[nn.Module]:
         return None
 
     @staticmethod
-    def noise(bundle: "BuiltinModel", count: int, generator: Optional[torch.Generator]) -> Tensor:
-        return torch.randn(count, 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    def conditioning(bundle: "BuiltinModel", labels: Tensor, x: Tensor) -> dict:
+        return {"class_labels": labels}
 
     @staticmethod
-    def predict(bundle: "BuiltinModel", x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-        model = bundle.transformer
-        timestep = t.reshape(1).to(x.device).expand(x.shape[0])  # DiTPipeline: the scheduler's timestep as is
-        out = model(x, timestep=timestep, class_labels=labels, return_dict=False)[0]
-        return out[:, : model.config.in_channels]
-
-    @staticmethod
-    def to_images(x: Tensor) -> Tensor:
-        return x
+    def prediction(out: Tensor, x: Tensor) -> Tensor:
+        return out[:, : x.shape[1]]
 
 
 class _FluxDigits:
-    """FLUX: packed tokens ``(B, 64, 4)`` in, flow velocity out; the label as its learned prompt."""
+    """FLUX: the class label as its learned prompt and pooled vector, with FluxPipeline's RoPE ids."""
 
     @staticmethod
     def load_extras(directory: Path, device, dtype) -> nn.Module:
@@ -153,26 +150,14 @@ class _FluxDigits:
         return prompts.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @staticmethod
-    def noise(bundle: "BuiltinModel", count: int, generator: Optional[torch.Generator]) -> Tensor:
-        return pack(torch.randn(count, 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator))
-
-    @staticmethod
-    def predict(bundle: "BuiltinModel", x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    def conditioning(bundle: "BuiltinModel", labels: Tensor, x: Tensor) -> dict:
         tokens, pooled = bundle.extras(labels)
-        timestep = t.reshape(1).to(x).expand(x.shape[0])  # FluxPipeline: in the latents' dtype, then / 1000
-        return bundle.transformer(
-            hidden_states=x,
-            encoder_hidden_states=tokens,
-            pooled_projections=pooled,
-            timestep=timestep / 1000,
-            img_ids=image_ids().to(x),
-            txt_ids=torch.zeros(tokens.shape[1], 3).to(x),
-            return_dict=False,
-        )[0]
+        return dict(encoder_hidden_states=tokens, pooled_projections=pooled, img_ids=image_ids().to(x),
+                    txt_ids=torch.zeros(tokens.shape[1], 3).to(x))  # fmt: skip
 
     @staticmethod
-    def to_images(x: Tensor) -> Tensor:
-        return unpack(x)
+    def prediction(out: Tensor, x: Tensor) -> Tensor:
+        return out
 
 
 _ADAPTERS = {"digits-dit": _DiTDigits, "digits-flux": _FluxDigits}
@@ -194,6 +179,10 @@ class BuiltinModel:
     @property
     def adapter(self):
         return _ADAPTERS[self.name]
+
+    @property
+    def family(self):
+        return family_of(self.transformer)
 
 
 def load(name: str, device="cpu", dtype: torch.dtype = torch.float32, directory: Optional[Path] = None) -> BuiltinModel:
@@ -232,19 +221,27 @@ def sample(
     labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     if labels.numel() == 0 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise ValueError(f"labels must be a non-empty list of classes in 0..{NUM_CLASSES - 1}, got {labels.tolist()}")
-    adapter, model = bundle.adapter, bundle.transformer
+    adapter, family, model = bundle.adapter, bundle.family, bundle.transformer
     device, dtype = model.device, model.dtype
+    packed = family.latent_packing > 1
     scheduler = type(bundle.scheduler).from_config(bundle.scheduler.config)  # fresh step state per call
     scheduler.set_timesteps(steps)
-    x = adapter.noise(bundle, labels.numel(), generator).to(device)
+    x = torch.randn(labels.numel(), 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    x = (pack(x) if packed else x).to(device)
     guided = guidance > 1.0
     call_labels = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if guided else labels
     call_labels = call_labels.to(device)
     for t in scheduler.timesteps:
         model_input = (torch.cat([x, x]) if guided else x).to(dtype)
-        out = adapter.predict(bundle, model_input, t, call_labels).float()
+        out = model(
+            hidden_states=model_input,
+            timestep=family.timestep(float(t), model_input.shape[0], model_input),
+            **adapter.conditioning(bundle, call_labels, model_input),
+            return_dict=False,
+        )[0]
+        out = adapter.prediction(out, model_input).float()
         if guided:
             cond, uncond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
         x = scheduler.step(out, t, x).prev_sample
-    return adapter.to_images(x).clamp(-1, 1).cpu()
+    return (unpack(x) if packed else x).clamp(-1, 1).cpu()
