@@ -51,7 +51,7 @@ def run(args: argparse.Namespace, setting: e2e.Setting) -> None:
     setting = dataclasses.replace(setting, device=str(device))
     graphed = args.cuda_graphs and device.type == "cuda"
     torch.manual_seed(0)
-    base = zoo.build(setting.family, setting.config).to(device=device, dtype=setting.dtype)
+    base = zoo.to_dtype(zoo.build(setting.family, setting.config).to(device), setting.dtype)
     shape = setting.shape(base)
     world = dist.get_world_size()
     shape = dataclasses.replace(shape, text_len=shape.text_len // world * world)
