@@ -165,8 +165,9 @@ def _patch_transformer(transformer: nn.Module, pipe_or_transformer, kernels, bac
     try:
         if any(switches.values()):
             family.apply(transformer, patcher)
-        # before the cache attaches: with it, each block's runner sits inside the cache's block wrapper
-        graphs.apply(transformer, patcher, cuda_graphs, device, None if step_cache is None else step_cache.blocks)
+        # before the cache attaches: its forward wraps the runner; per-half, each block's runner sits inside
+        # the cache's block wrapper
+        graphs.apply(transformer, patcher, cuda_graphs, device, None if step_cache is None else step_cache.wrapped_blocks or None)
         if step_cache is not None:  # after the kernel swaps: it wraps the fused block forwards
             pipe = None if pipe_or_transformer is transformer else pipe_or_transformer
             scheduler = getattr(pipe, "scheduler", None)

@@ -8,6 +8,7 @@ import pytest
 import dit_kernels
 from dit_kernels.bench import timing, traffic
 from dit_kernels.bench.__main__ import main
+from test_cache import allowed
 
 
 def test_main_job_writes_table_json_and_plot(tmp_path, capsys):
@@ -45,13 +46,10 @@ def test_cache_none_leaves_the_cache_row_out_and_default_rounds_reach_the_minimu
 
 
 def allowed_skips(steps: int, config: dit_kernels.CacheConfig) -> str:
-    """The decisions of a call whose every step may skip: warm-up and final steps computed, runs of at most
-    ``max_consecutive_skips`` skips between computed steps (c computed, s skipped)."""
-    middle, run = "", 0
-    for _ in range(steps - config.warmup_steps - config.final_steps_computed):
-        run = 0 if run == config.max_consecutive_skips else run + 1
-        middle += "s" if run else "c"
-    return "c" * config.warmup_steps + middle + "c" * config.final_steps_computed
+    """The decisions of a call whose every step may skip (``test_cache.allowed``; c computed, s skipped)."""
+    decisions = allowed(steps, config.warmup_steps, config.max_consecutive_skips, config.final_steps_computed,
+                        config.order)  # fmt: skip
+    return "".join(d[0] for d in decisions)
 
 
 def test_cache_rows_report_blocks_evaluated_and_quality(tmp_path, capsys):
@@ -65,7 +63,7 @@ def test_cache_rows_report_blocks_evaluated_and_quality(tmp_path, capsys):
     _, patched, exact, skipping = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert exact["blocks evaluated"] == patched["blocks evaluated"] == 10 * 2
     assert exact["max-abs vs fp32"] == patched["max-abs vs fp32"]
-    assert skipping["blocks evaluated"] == 10 + trace.count("c")  # head block every step, the other when computed
+    assert skipping["blocks evaluated"] == 2 * trace.count("c")  # no block on a skipped step
     assert 0 < skipping["max-abs vs fp32"] < 1 and skipping["PSNR vs fp32 (dB)"] > 20
 
 

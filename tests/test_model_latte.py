@@ -184,10 +184,10 @@ class _nothing:
         return False
 
 
-def test_cache_threshold_zero_is_exact_and_skips_replay_the_relaid_residual():
-    """Spatial and temporal blocks interleaved, the residual moved between their layouts ([B * F, S, D] and
-    [B * S, F, D]) with three frames: threshold 0 reproduces the patched uncached loop bit for bit; a huge
-    threshold skips and stays finite and close to it (the head barely changes between steps)."""
+def test_cache_threshold_zero_is_exact_and_skips_predict_the_output():
+    """Spatial and temporal blocks interleaved ([B * F, S, D] and [B * S, F, D] layouts) with three frames:
+    threshold 0 reproduces the patched uncached loop bit for bit; a huge threshold skips (order 0: the
+    first estimate at step 1) and stays finite."""
     x = latte_inputs(torch.float32)
     reference = tiny_latte()
     dit_kernels.patch(reference, backend="torch")
@@ -197,10 +197,10 @@ def test_cache_threshold_zero_is_exact_and_skips_replay_the_relaid_residual():
     latents, decisions = denoise(exact, x, 4)
     assert torch.equal(latents, truth) and decisions == ["compute"] * 4
     skipping = tiny_latte()
-    config = dit_kernels.CacheConfig(threshold=1e9, warmup_steps=1, final_steps_computed=1)
+    config = dit_kernels.CacheConfig(threshold=1e9, warmup_steps=1, final_steps_computed=1, order=0, fit_steps=1)
     dit_kernels.patch(skipping, backend="torch", cache=config)
     latents, decisions = denoise(skipping, x, 4)
-    assert decisions == ["compute", "skip", "skip", "compute"]
+    assert decisions == ["compute", "compute", "skip", "compute"]
     assert torch.isfinite(latents).all() and not torch.equal(latents, truth)
 
 

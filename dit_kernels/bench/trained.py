@@ -18,8 +18,7 @@ cached step counts each half as half a block), PSNR of the final images vs eager
 
 ``--sweep`` instead runs the quality-vs-cost curves the default ``CacheConfig`` was chosen from: per
 model, without and with classifier-free guidance, PSNR and accuracy vs fewer block evaluations for the
-step cache (its default rule over thresholds, and the v1 rule: no prediction, at most 3 skips in a row),
-FirstBlockCache over thresholds and TaylorSeer over intervals.
+step cache over thresholds, FirstBlockCache over thresholds and TaylorSeer over intervals and orders.
 """
 
 from __future__ import annotations
@@ -42,10 +41,8 @@ from dit_kernels.bench.report import device_name, markdown
 from dit_kernels.cache import CacheConfig
 
 FBC_DEFAULT = 0.05  # diffusers' FirstBlockCacheConfig().threshold
-V1_RULE = CacheConfig(order=0, max_consecutive_skips=3)  # the cache before prediction (for the sweep)
 SWEEP = {
-    "step cache": (0.1, 0.15, 0.2, 0.3, 0.45),
-    "step cache v1 rule": (0.05, 0.08, 0.12, 0.2),
+    "step cache": (0.02, 0.03, 0.04, 0.05, 0.07, 0.1),
     "FirstBlockCache": (0.05, 0.1, 0.15, 0.25, 0.4),
     "TaylorSeer": (2, 3, 4, 6),  # cache_interval
 }
@@ -234,9 +231,6 @@ def sweep_rows(bundle: builtin.BuiltinModel, setting: Setting, default: CacheCon
     rows = [uncached_row("eager diffusers", bundle, setting)]
     for t in SWEEP["step cache"]:
         rows.append(step_cache_row(f"step cache {t:g}", bundle, setting, dataclasses.replace(default, threshold=t)))
-    for t in SWEEP["step cache v1 rule"]:
-        rows.append(step_cache_row(f"step cache v1 rule {t:g}", bundle, setting,
-                                   dataclasses.replace(V1_RULE, threshold=t)))  # fmt: skip
     for t in SWEEP["FirstBlockCache"]:
         rows.append(diffusers_row(f"FirstBlockCache {t:g}", bundle, first_block_cache(t)))
     for interval in SWEEP["TaylorSeer"]:

@@ -11,47 +11,38 @@ CFG_MODES = ("joint", "per_half")
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """First-Block-Cache style step caching with predicted residuals (``dit_kernels.patch(..., cache=
-    CacheConfig(...))``; a float ``cache=0.2`` means ``CacheConfig(threshold=0.2)``).
+    """Step caching by output extrapolation with error control (``dit_kernels.patch(..., cache=
+    CacheConfig(...))``; a float ``cache=0.05`` means ``CacheConfig(threshold=0.05)``).
 
-    Each transformer call runs the first ``head_blocks`` blocks. On a computed step the remaining blocks
-    run too and their residual (output - head output, per stream) is kept with the head residual (head
-    output - head input, image stream): these computed steps are the nodes. On a skipped
-    step the remaining blocks are not run: their residual is predicted from the last ``fit_steps`` nodes by
-    the polynomial of degree ``order`` through them (TaylorSeer's finite differences, on uneven steps)
-    and added to the head output. The head residual, computed every step, is predicted from the same
-    nodes with the same weights, and its miss ``change = mean|predicted - h| / mean|h|`` (fp32) is the
-    signal: it is summed over the skip run (``accumulated``), and a step computes when the sum reaches
-    ``threshold`` or a rule below forces it (``dit_kernels.cache.policy``).
+    A computed step runs the whole transformer and keeps its output (the sample it returns) as a node; a
+    skipped step runs no block and returns the output extrapolated from the last ``fit_steps`` nodes by the
+    polynomial of degree ``order`` (TaylorSeer's finite differences, on uneven steps). At each computed
+    step the extrapolation is checked against the real output (its relative L1 miss) and the interval
+    between computed steps is scaled by ``threshold / miss``, as an ODE solver sizes its steps
+    (``dit_kernels.cache.policy``). The denoiser's output is what moves smoothly from step to step: the
+    residuals of the blocks inside it jitter with the timestep modulation, so extrapolating them, or
+    judging skips by the first block's change (First Block Cache, v1 of this cache), is worse at every cost.
 
-    - ``threshold`` (0.2): the error budget of a skip run, in relative L1 of the predicted head residual;
-      0 never skips (the output is then exactly the uncached one). Chosen from the quality-vs-cost curves
-      of ``python -m dit_kernels.bench.trained --sweep`` (README): the largest budget keeping the trained
-      DiT's final images near 40 dB of the uncached ones without guidance.
-    - ``order`` (1): degree of the residual prediction. 0 reuses the last computed residual (First Block
-      Cache), 1 extrapolates linearly from the last two computed steps, 2 quadratically from three. On the
-      trained models 1 was best: the residuals carry step-to-step jitter from the timestep embedding, which
-      higher orders amplify; the change signal uses the same order, so a worse prediction costs computed
-      steps, not quality.
-    - ``fit_steps`` (2): computed steps the prediction is fit to (>= ``order + 1``); more than ``order + 1``
-      fits by least squares, smoothing the jitter. On the trained DiT 3 or 4 (order 1) lost 2-3 dB at
-      equal cost against 2, so the default interpolates.
-    - ``head_blocks`` (1): blocks always computed; their residual is the change signal. More blocks give a
-      better signal and save less.
-    - ``warmup_steps`` (2): the first steps of a call are always computed: the latents change fastest
-      there and the prediction needs two nodes.
-    - ``max_consecutive_skips`` (8): a safety bound on a skip run; the budget ends runs first on the trained
-      models (the v1 fixed cap of 3 bounded the saving at ~2.6x whatever the signal said).
+    - ``threshold`` (0.05): the tolerated miss of the extrapolated output, relative L1; 0 never skips (the
+      output is then exactly the uncached one). Chosen from ``python -m dit_kernels.bench.trained --sweep``
+      (README): 0.05 keeps both trained models at or above ~39 dB PSNR of the uncached images without
+      guidance, at 3-4.5x fewer block evaluations; 0.04 is the safer choice, 0.08 the faster one.
+    - ``order`` (1): degree of the extrapolation. 0 reuses the last computed output, 1 extrapolates
+      linearly from the last two computed steps, 2 quadratically from three. On the trained models 1 was
+      best at every cost: 2 amplifies the step-to-step jitter, 0 drifts.
+    - ``fit_steps`` (2): computed steps the extrapolation is fit to (>= ``order + 1``); more than
+      ``order + 1`` fits by least squares, which on the trained models lost 1-4 dB at equal cost.
+    - ``warmup_steps`` (2): the first steps of a call are always computed (with ``order + 1`` nodes, the
+      first miss is measured one step later, so order 1 computes three steps before its first skip).
+    - ``max_consecutive_skips`` (8): the longest skip run the plan may make (``interval <= 9``).
     - ``final_steps_computed`` (2): the last steps of a call are always computed (they set fine detail);
       applies when the step count is known (a pipeline call, or ``cache_session(num_steps=...)``).
-    - ``cfg`` ("joint"): a batched classifier-free-guidance call is decided on the whole batch;
-      "per_half" decides the two halves independently (each its own nodes, accumulator and skip run;
-      when only one half computes, the remaining blocks run on that half's sub-batch only). An odd
-      batch is one group either way.
+    - ``cfg`` ("joint"): a batched classifier-free-guidance call is planned on the whole batch;
+      "per_half" plans the two halves independently (each its own nodes and interval; when only one half
+      computes, the blocks run on that half's rows only). An odd batch is one group either way.
     """
 
-    threshold: float = 0.2
-    head_blocks: int = 1
+    threshold: float = 0.05
     warmup_steps: int = 2
     max_consecutive_skips: int = 8
     final_steps_computed: int = 2
@@ -64,7 +55,7 @@ class CacheConfig:
             raise TypeError(f"CacheConfig.threshold must be a number, got {self.threshold!r}")
         if not (math.isfinite(self.threshold) and self.threshold >= 0):
             raise ValueError(f"CacheConfig.threshold must be finite and >= 0, got {self.threshold!r}")
-        for name, least in (("head_blocks", 1), ("warmup_steps", 0), ("max_consecutive_skips", 1),
+        for name, least in (("warmup_steps", 0), ("max_consecutive_skips", 1),
                             ("final_steps_computed", 0), ("order", 0), ("fit_steps", 1)):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:

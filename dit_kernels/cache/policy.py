@@ -1,28 +1,30 @@
 """The skip rule and its bookkeeping: one ``Group`` per CFG group (the whole batch, or one half) and
 branch, one ``CallStats`` per pipeline call.
 
-Per step ``s`` of a call of ``num_steps`` (None: unknown), for a group whose head residual is ``h``:
+The rule predicts a skipped step's transformer output by extrapolation and keeps the extrapolation's
+error near ``threshold``, as an ODE solver controls its step size. Per step ``s`` of a call of
+``num_steps`` (None: unknown), for a group:
 
-- the group's nodes are its last ``fit_steps`` computed steps ``t_0 < .. < t_m``, each with its head
-  residual ``h_i`` and the remaining blocks' residual ``R_i`` per stream; ``w_i`` are the weights of the
-  polynomial of degree ``order`` fit to them (least squares; through them when there are ``order + 1``),
-  evaluated at ``s`` (``fit_weights``);
-- ``change = mean|sum_i w_i h_i - h| / mean|h|`` (fp32): how far the prediction misses the head residual,
-  which was computed; the same prediction of the remaining blocks' residual, ``sum_i w_i R_i``, is what a
-  skipped step adds. ``accumulated`` = the sum of the changes over the skipped steps since the group's
-  last computed step and this one (an error budget per skip run: runs are long while the prediction
-  holds, short where it does not);
-- computed (in this order of reasons): a step before ``warmup_steps``, one of the last
-  ``final_steps_computed``, no reference yet, after ``max_consecutive_skips`` skips, ``change >=
-  threshold``, ``accumulated >= threshold``; otherwise skipped (a cache hit). A computed step clears
-  the accumulator and the skip count.
+- the nodes are the group's last ``fit_steps`` computed steps ``t_0 < .. < t_m`` with their outputs
+  ``y_i``; a skipped step's output is ``sum_i w_i y_i``, ``w_i`` the weights of the polynomial of degree
+  ``order`` fit to the nodes (least squares; through them when there are ``order + 1``) evaluated at ``s``
+  (``fit_weights``);
+- on a computed step, once the group has ``order + 1`` nodes, the same prediction is checked against the
+  real output: ``miss = mean|sum_i w_i y_i - y| / mean|y|`` (fp32), an error measured ``d`` steps from
+  the newest node. The extrapolation's error grows about in proportion to ``d``, so the group's planned
+  skip-run length (the interval between computed steps, a float kept across runs) is scaled by
+  ``threshold / miss``, within [1, ``max_consecutive_skips`` + 1]: the next ``floor(interval) - 1`` steps
+  skip;
+- forced to compute: a step before ``warmup_steps``, one of the last ``final_steps_computed``, and every
+  step until a miss has been measured; ``threshold`` 0 plans no skip, so the output is the uncached one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,42 +33,47 @@ from dit_kernels.cache.config import CacheConfig
 
 log = logging.getLogger("dit_kernels")
 
-Streams = tuple[Optional[Tensor], ...]
-
-# Decisions that the threshold made (the others were forced by a rule); the 0 % hit warning counts these.
-THRESHOLD_REASONS = ("change >= threshold", "accumulated >= threshold", "below threshold")
-WARN_AFTER = 10  # eligible steps without a hit before the warning
+WARN_AFTER = 10  # steps the rule itself decided, without a skip, before the warning
 
 
 @dataclass
 class Node:
-    """A computed step: its index, its head residual and the remaining blocks' residual per stream."""
+    """A computed step: its index and the group's rows of the transformer's output (a copy)."""
 
     step: int
-    head: Tensor
-    residuals: Streams
+    output: Tensor
 
 
 @dataclass
 class Group:
-    """One group's state within a call: the computed steps the predictions are made from, the skip run."""
+    """One group's state within a call: the computed steps the predictions are made from, the plan."""
 
     label: str
     rows: slice
     nodes: list[Node] = field(default_factory=list)  # the last ``fit_steps`` computed steps, oldest first
-    head: Optional[Tensor] = None  # this step's head residual (a node's, if the step computes)
-    weights: list[float] = field(default_factory=list)  # this step's prediction weights, one per node
-    accumulated: float = 0.0
-    skips: int = 0  # consecutive
+    interval: float = 1.0  # planned steps from one computed step to the next (1: no skip)
+    next_compute: int = 0  # the step the plan computes next
+    measured: bool = False  # a miss has been measured (the plan is the rule's)
 
-    def store(self, residuals: Streams, step: int, keep: int) -> None:
-        """Step ``step`` computed: keep it (with this step's head residual) as the newest of ``keep`` nodes."""
-        self.nodes = [*self.nodes, Node(step, self.head, residuals)][-keep:]
+    def predicted(self, step: int, order: int) -> Tensor:
+        """The output at ``step`` predicted from the nodes: a new tensor in their dtype, computed in fp32."""
+        weights = fit_weights([n.step for n in self.nodes], step, order)
+        outputs = [n.output for n in self.nodes]
+        return combine([o.float() for o in outputs], weights).to(outputs[-1].dtype)
 
-    def cached(self) -> Streams:
-        """The remaining blocks' residual per stream predicted at this step (``weights``, see ``fit_weights``)."""
-        return tuple(None if node_r[0] is None else combine(node_r, self.weights)
-                     for node_r in zip(*(n.residuals for n in self.nodes)))  # fmt: skip
+    def computed(self, config: CacheConfig, step: int, output: Tensor) -> Optional[float]:
+        """Step ``step`` computed ``output`` (the group's rows): measure the prediction's miss (None before
+        ``order + 1`` nodes), re-plan, keep the output as the newest node. Returns the miss."""
+        miss = None
+        if len(self.nodes) >= config.order + 1:
+            miss = relative_l1(self.predicted(step, config.order), output)
+            ratio = 0.0 if config.threshold == 0 else math.inf if miss == 0 else config.threshold / miss
+            self.interval = min(max(self.interval * ratio, 1.0), config.max_consecutive_skips + 1.0)
+            self.next_compute, self.measured = step + int(self.interval), True
+        else:
+            self.next_compute = step + 1
+        self.nodes = [*self.nodes, Node(step, output.detach().clone())][-config.fit_steps:]
+        return miss
 
 
 def fit_weights(nodes: list[int], step: int, order: int) -> list[float]:
@@ -84,65 +91,38 @@ def fit_weights(nodes: list[int], step: int, order: int) -> list[float]:
     return (at @ torch.linalg.pinv(vandermonde)).tolist()
 
 
-def combine(values: tuple[Tensor, ...], weights: list[float]) -> Tensor:
-    """``sum_i weights[i] * values[i]`` (the newest value alone when it is one node: no arithmetic)."""
-    if len(values) == 1:
-        return values[0]
+def combine(values: list[Tensor], weights: list[float]) -> Tensor:
+    """``sum_i weights[i] * values[i]``, a new tensor."""
     out = values[-1] * weights[-1]
     for value, w in zip(values[:-1], weights[:-1]):
         out = out.add(value, alpha=w)
     return out
 
 
+def relative_l1(x: Tensor, reference: Tensor) -> float:
+    """``mean|x - reference| / mean|reference|`` in fp32 (inf when the reference is all zeros); both means
+    come to the host in one small read."""
+    x, reference = x.float(), reference.float()
+    difference, scale = torch.stack([(x - reference).abs().mean(), reference.abs().mean()]).tolist()
+    return math.inf if scale == 0 else difference / scale
+
+
 @dataclass(frozen=True)
 class Decision:
     compute: bool
     reason: str
-    change: Optional[float]
-    accumulated: float
 
 
-def relative_l1(x: Tensor, reference: Tensor, reduce: Optional[Callable[[Tensor], Tensor]] = None) -> float:
-    """``mean|x - reference| / mean|reference|`` in fp32 (inf when the reference is all zeros); both means
-    come to the host in one small read. ``reduce``: given, the two means [2] go through it first; under
-    context parallelism it sums them over the ranks holding the other (equal) shards of the sequence, which
-    makes the ratio the whole sequence's and the same on every rank."""
-    x, reference = x.float(), reference.float()
-    means = torch.stack([(x - reference).abs().mean(), reference.abs().mean()])
-    difference, scale = (means if reduce is None else reduce(means)).tolist()
-    return float("inf") if scale == 0 else difference / scale
-
-
-def decide(config: CacheConfig, group: Group, head: Tensor, step: int, num_steps: Optional[int],
-           reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Decision:  # fmt: skip
-    """Compute or skip the remaining blocks for ``group`` at ``step``, given its head residual ``head``
-    (rows of this group only): the change is the error of the head residual predicted from the group's
-    nodes as the remaining blocks' residual would be; updates the group's weights, accumulator and skip
-    count. ``reduce``: see ``relative_l1``."""
-    group.head = head
-    change = None
-    if group.nodes:
-        group.weights = fit_weights([n.step for n in group.nodes], step, config.order)
-        predicted = combine(tuple(n.head for n in group.nodes), group.weights)
-        change = relative_l1(predicted, head, reduce)
-    accumulated = group.accumulated + (change or 0.0)
+def decide(config: CacheConfig, group: Group, step: int, num_steps: Optional[int]) -> Decision:
+    """Compute or skip ``group`` at ``step``, before the transformer runs: the forcing rules, then the plan."""
     if step < config.warmup_steps:
-        reason = "warm-up"
-    elif num_steps is not None and step >= num_steps - config.final_steps_computed:
-        reason = "final steps"
-    elif change is None:
-        reason = "no reference"
-    elif group.skips >= config.max_consecutive_skips:
-        reason = "consecutive-skip cap"
-    elif change >= config.threshold:
-        reason = "change >= threshold"
-    elif accumulated >= config.threshold:
-        reason = "accumulated >= threshold"
-    else:
-        group.accumulated, group.skips = accumulated, group.skips + 1
-        return Decision(False, "below threshold", change, accumulated)
-    group.accumulated, group.skips = 0.0, 0
-    return Decision(True, reason, change, accumulated)
+        return Decision(True, "warm-up")
+    if num_steps is not None and step >= num_steps - config.final_steps_computed:
+        return Decision(True, "final steps")
+    if step < group.next_compute:
+        return Decision(False, "planned skip")
+    return Decision(True, "planned" if group.measured else "no estimate")
+
 
 @dataclass
 class CallStats:
@@ -155,12 +135,15 @@ class CallStats:
     bypassed_calls: int = 0  # transformer calls run uncached (ControlNet, skip layers)
     trace: list[dict] = field(default_factory=list)
 
-    def record(self, step: int, branch: int, group: Group, decision: Decision, head: int, rest: int) -> None:
-        self.blocks_computed += head + rest * decision.compute
-        self.blocks_skipped += rest * (not decision.compute)
-        self.trace.append({"step": step, "branch": branch, "group": group.label, "change": decision.change,
-                           "accumulated": decision.accumulated, "decision": "compute" if decision.compute else "skip",
-                           "reason": decision.reason})  # fmt: skip
+    def record(self, step: int, branch: int, group: Group, decision: Decision, blocks: int) -> dict:
+        """One group's decision at one step (``blocks``: the transformer's); returns its trace entry, whose
+        ``miss`` a computed step fills in afterwards."""
+        self.blocks_computed += blocks * decision.compute
+        self.blocks_skipped += blocks * (not decision.compute)
+        entry = {"step": step, "branch": branch, "group": group.label, "decision": "compute" if decision.compute
+                 else "skip", "reason": decision.reason, "interval": group.interval, "miss": None}  # fmt: skip
+        self.trace.append(entry)
+        return entry
 
     @property
     def hits(self) -> int:
@@ -168,8 +151,8 @@ class CallStats:
 
     @property
     def eligible(self) -> int:
-        """Decisions the threshold made (not forced by warm-up, final steps, the cap, a missing reference)."""
-        return sum(entry["reason"] in THRESHOLD_REASONS for entry in self.trace)
+        """Decisions the plan made (not forced by warm-up, final steps or a missing estimate)."""
+        return sum(entry["reason"] in ("planned", "planned skip") for entry in self.trace)
 
     def as_dict(self) -> dict:
         """``blocks_*`` count block evaluations per group (per_half counts each half's)."""
@@ -192,10 +175,11 @@ def summary(config: CacheConfig, calls: list[CallStats]) -> dict:
 
 
 def warn_if_never_hit(config: CacheConfig, call: CallStats) -> bool:
-    """Log once (the caller keeps the flag) when a call made WARN_AFTER threshold decisions, none a hit."""
+    """Log once (the caller keeps the flag) when the plan decided WARN_AFTER steps of a call, none a skip."""
     if config.threshold > 0 and call.eligible >= WARN_AFTER and call.hits == 0:
-        log.warning("dit_kernels step cache: 0 %% hit rate after %d eligible steps at threshold %g: the cache "
-                    "computes every step (trace: dit_kernels.cache_stats(...)['calls'][-1]['trace']); raise the "
-                    "threshold or lower head_blocks", call.eligible, config.threshold)  # fmt: skip
+        log.warning("dit_kernels step cache: 0 %% hit rate after %d planned steps at threshold %g: the "
+                    "extrapolated output misses by more than the threshold one step ahead, so the cache "
+                    "computes every step (trace: dit_kernels.cache_stats(...)['calls'][-1]['trace']); raise "
+                    "the threshold", call.eligible, config.threshold)  # fmt: skip
         return True
     return False

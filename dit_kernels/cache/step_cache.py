@@ -1,33 +1,37 @@
-"""The step cache on a transformer: block-forward wrappers that compute, pass through or replay the
-remaining blocks, and the per-call state they share.
+"""The step cache on a transformer: a transformer-forward wrapper that computes or predicts each call's
+output, block-forward wrappers for half-batch runs, and the per-call state they share.
 
 ``attach`` wraps, through the patch's ``Patcher`` (so ``unpatch`` removes them, after nothing else):
 
-- every block's forward (whatever it is: diffusers' own or a fused one from the family patcher);
-- the transformer's forward, which opens a step for the blocks to see (outside a transformer call the
-  block wrappers only call through);
+- the transformer's forward: it opens a step, takes each group's decision (``policy.decide``) before
+  anything runs, and returns the predicted output where the groups skip;
+- with ``cfg="per_half"``, every block's forward (whatever it is: diffusers' own or a fused one from the
+  family patcher), for steps where one half computes and the other skips;
 - ``pipe.scheduler.set_timesteps`` when patching a pipeline: each pipeline call starts with it, so it
   resets the state and tells the cache the call's step count (``len(scheduler.timesteps)``).
 
-Within one transformer call: the head blocks run; the first remaining block sees the head's output,
-measures the head residual and decides (``policy.decide``) per group. All groups computing: every
-block runs as usual and the last one records ``output - head output`` per stream. All skipping: the
-remaining blocks return their input unchanged (in their own output format), and the last returns
-``head output + cached residual`` per stream (None where the block returns None: SD3's last block has no
-text stream). Mixed (CFG per half): the remaining blocks run on the computing half's rows (batch
-arguments sliced) and return stand-ins (fresh views of their full-batch input); any later argument that
-is a stand-in, a HunyuanDiT long skip included, is swapped for the real half-batch tensor it stands for;
-the last block joins the computed half and the other half's cached result.
+What is cached is the transformer's output (its first return value: the sample). Per call:
+
+- every group skipping: nothing runs; the call returns the predicted output, in the format of the last
+  computed call's (a tuple, or the output dataclass with its ``sample`` replaced);
+- every group computing: the transformer runs as usual, and each group's rows of the output become a
+  node (the output itself is returned untouched);
+- mixed (CFG per half): the blocks run on the computing half's rows (batch arguments sliced) and return
+  stand-ins (fresh views of their full-batch input); any later argument that is a stand-in, a HunyuanDiT
+  long skip included, is swapped for the real half-batch tensor it stands for; the last block returns the
+  computed rows joined with the other half's input rows, the transformer's tail runs on the full batch,
+  and the call's output keeps the computed half's rows and takes the predicted ones for the other.
 
 Steps: consecutive transformer calls with the same timestep are branches of one step (sequential CFG,
 e.g. FLUX's true CFG); each branch keeps its own groups. The state resets (a new call in the stats)
-at ``set_timesteps``, ``reset``/``cache_session``, and when a call's tensor shapes/dtypes change or its
-timestep rises above the previous step's (a new sampling loop on a bare transformer).
+at ``set_timesteps``, ``reset``/``cache_session``, and when a call's tensor shapes/dtypes or ``return_dict``
+change or its timestep rises above the previous step's (a new sampling loop on a bare transformer).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import inspect
 import math
@@ -38,22 +42,18 @@ import torch
 from torch import Tensor, nn
 
 from dit_kernels.cache.config import CacheConfig
-from dit_kernels.cache.policy import CallStats, Decision, Group, Streams, decide, summary, warn_if_never_hit
-from dit_kernels.parallel.shards import sum_over_shards
+from dit_kernels.cache.policy import CallStats, Group, decide, summary, warn_if_never_hit
 from dit_kernels.patching import BlockLayout, Patcher
 
 KEEP_CALLS = 64  # calls kept in the stats
+Streams = tuple[Optional[Tensor], ...]
 
 
 def validate(transformer: nn.Module, layout: BlockLayout, config: CacheConfig) -> None:
     """ValueError when the cache cannot wrap ``transformer`` (blocks as in ``layout``, its family's) with
     ``config`` (before anything changes)."""
-    blocks = layout.blocks(transformer)
-    if config.head_blocks >= len(blocks):
-        raise ValueError(f"CacheConfig.head_blocks={config.head_blocks} leaves no block to cache: "
-                         f"{type(transformer).__name__} has {len(blocks)} blocks")  # fmt: skip
     if layout.relayout is not None and config.cfg == "per_half":
-        raise ValueError(f"CacheConfig(cfg='per_half') runs the remaining blocks on half the batch, which "
+        raise ValueError(f"CacheConfig(cfg='per_half') runs the blocks on half the batch, which "
                          f"{type(transformer).__name__} does not allow (it reshapes the residual stream between "
                          "its blocks); use cfg='joint'")  # fmt: skip
 
@@ -72,7 +72,6 @@ class StepCache:
         self.num_steps: Optional[int] = None
         self._pipe: Optional[weakref.ref] = None
         self.warned = False
-        self.transformer = weakref.ref(transformer)  # its parallel config, read at each decision
         self._clear()
 
     # ------------------------------------------------------------------------------------- state
@@ -80,6 +79,7 @@ class StepCache:
     def _clear(self) -> None:
         self.branches: dict[int, list[Group]] = {}
         self.key: Optional[tuple] = None
+        self.shell = None  # the last computed call's output: the format a blind step's output takes
         self.timestep: Optional[float] = None
         self.step, self.branch = -1, 0
         self.current: Optional[CallStats] = None
@@ -116,6 +116,7 @@ class StepCache:
             call.blocks_computed += len(self.blocks)
             return None
         key = tuple((name, v.shape, v.dtype, v.device) for name, v in named.items() if isinstance(v, Tensor))
+        key += (named.get("return_dict", True),)
         t = named.get("timestep")
         t = None if t is None else torch.as_tensor(t).float().max().item()
         rose = t is not None and self.timestep is not None and t > self.timestep
@@ -129,7 +130,7 @@ class StepCache:
             self._call().steps += 1
         else:
             self.branch += 1
-        return _Run(self, self.step, self.branch)
+        return _Run(self, self.step, self.branch, named["hidden_states"].shape[0])
 
     # ------------------------------------------------------------------------------------- wrappers
 
@@ -138,11 +139,10 @@ class StepCache:
         through ``patcher``; ``pipe``: the pipeline, whose scheduler of the moment gives the step count on
         an automatic reset (a scheduler swapped in after ``patch`` has no hook)."""
         self._pipe = None if pipe is None else weakref.ref(pipe)
-        head = self.config.head_blocks
-        for index, block in enumerate(self.blocks):
-            role = "head, always computed" if index < head else "cached"
-            patcher.set_attr(block, "forward", self._block_forward(index, block), f"step cache ({role})")
-        patcher.set_attr(transformer, "forward", self._transformer_forward(transformer), "step cache: opens a step")
+        for index, block in enumerate(self.wrapped_blocks):
+            patcher.set_attr(block, "forward", self._block_forward(index, block), "step cache: half-batch runs")
+        patcher.set_attr(transformer, "forward", self._transformer_forward(transformer),
+                         "step cache: computes or predicts the output")  # fmt: skip
         if scheduler is not None:
             patcher.set_attr(scheduler, "set_timesteps", self._set_timesteps(scheduler),
                              "step cache: resets at each pipeline call")  # fmt: skip
@@ -150,13 +150,18 @@ class StepCache:
             patcher.set_attr(scheduler, "set_begin_index", self._set_begin_index(scheduler),
                              "step cache: steps left after an img2img start")  # fmt: skip
 
+    @property
+    def wrapped_blocks(self) -> list[nn.Module]:
+        """The blocks the cache wraps: all of them for ``cfg="per_half"`` (half-batch runs), else none."""
+        return self.blocks if self.config.cfg == "per_half" else []
+
     def describe(self, pipeline: bool) -> list[str]:
         """The report's cache lines (``pipeline``: the scheduler hook is on)."""
-        n, head = len(self.blocks), self.config.head_blocks
         calls = "at each pipeline call (scheduler.set_timesteps), " if pipeline else (
             "(bare transformer: no step count, so no final-steps rule, unless cache_session(num_steps=...)) ")
-        return [repr(self.config), f"{head} of {n} blocks ({' + '.join(self.layout.block_lists)}) always computed, "
-                f"{n - head} cached", f"state resets {calls}on new shapes/dtypes/batch or a rising timestep, and by "
+        return [repr(self.config), f"skipped steps run none of the {len(self.blocks)} blocks "
+                f"({' + '.join(self.layout.block_lists)}): the output is extrapolated from computed steps",
+                f"state resets {calls}on new shapes/dtypes/batch or a rising timestep, and by "
                 "dit_kernels.reset_cache / cache_session"]  # fmt: skip
 
     def _block_forward(self, index: int, block: nn.Module) -> Callable:
@@ -174,11 +179,15 @@ class StepCache:
         original, params = transformer.forward, _parameter_names(transformer)
 
         def forward(*args, **kwargs):
-            self.run = self._begin(_named(params, args, kwargs))
+            run = self._begin(_named(params, args, kwargs))
+            if run is not None and not any(run.computing):
+                return run.output(self.shell)
+            self.run = run
             try:
-                return original(*args, **kwargs)
+                out = original(*args, **kwargs)
             finally:
                 self.run = None
+            return out if run is None else run.output(out)
 
         return forward
 
@@ -224,95 +233,53 @@ def steps_left(scheduler) -> Optional[int]:
 
 
 class _Run:
-    """One transformer call: the head input, the decision per group, the stand-ins of a half-batch run."""
+    """One transformer call: the decision per group, the stand-ins of a half-batch run."""
 
-    def __init__(self, cache: StepCache, step: int, branch: int):
-        self.cache, self.layout, self.step, self.branch = cache, cache.layout, step, branch
-        self.head_in: Optional[Tensor] = None
-        self.rest_in: Streams = ()
-        self.groups: list[Group] = []
-        self.computing: list[bool] = []
+    def __init__(self, cache: StepCache, step: int, branch: int, batch: int):
+        self.cache, self.layout, self.step, self.batch = cache, cache.layout, step, batch
+        self.groups = cache.groups(branch, batch)
+        call = cache._call()
+        decisions = [decide(cache.config, g, step, cache.num_steps) for g in self.groups]
+        self.entries = [call.record(step, branch, g, d, len(cache.blocks)) for g, d in zip(self.groups, decisions)]
+        self.computing = [d.compute for d in decisions]
+        if not cache.warned:
+            cache.warned = warn_if_never_hit(cache.config, call)
         self.real: dict[int, Tensor] = {}  # id(stand-in) -> the half-batch tensor it stands for
 
     def block(self, index: int, original: Callable, params: list[str], args: tuple, kwargs: dict):
-        cache = self.cache
-        if index < cache.config.head_blocks:
-            if index == 0:
-                self.head_in = _named(params, args, kwargs)["hidden_states"]
+        """A block of a call where some group computes: all groups: the block itself; mixed: its run on the
+        computing half's rows (see the module docstring)."""
+        if all(self.computing):
             return original(*args, **kwargs)
         named = _named(params, args, kwargs)
-        if index == cache.config.head_blocks:
-            self.rest_in = tuple(named.get(name) for name in self.layout.streams)
-            self._decide()
-        last = index == len(cache.blocks) - 1
-        if all(self.computing):
-            out = original(*args, **kwargs)
-            if last:
-                self._store_all(self.layout.streams_of(out))
-            return out
-        if not any(self.computing):
-            streams = self._replayed() if last else tuple(named.get(name) for name in self.layout.streams)
-            return self.layout.output(streams)
         rows = self.groups[self.computing.index(True)].rows
         sub_args = [self._rows(name, value, rows) for name, value in zip(params, args)]
         out = original(*sub_args, **{name: self._rows(name, value, rows) for name, value in kwargs.items()})
         streams = self.layout.streams_of(out)
-        return self.layout.output(self._joined(streams) if last else self._stand_ins(named, streams))
+        last = index == len(self.cache.blocks) - 1
+        return self.layout.output(self._joined(named, streams) if last else self._stand_ins(named, streams))
 
-    def _decide(self) -> None:
-        cache, config = self.cache, self.cache.config
-        head = self.rest_in[0] - self._moved(self.head_in, 0, config.head_blocks, self.rest_in[0])
-        self.batch = head.shape[0]
-        self.groups = cache.groups(self.branch, self.batch)
-        reduce = sum_over_shards(cache.transformer())  # context parallelism: every rank decides the same
-        decisions: list[Decision] = [decide(config, g, head[g.rows], self.step, cache.num_steps, reduce)
-                                     for g in self.groups]  # fmt: skip
-        self.computing = [d.compute for d in decisions]
-        call, rest = cache._call(), len(cache.blocks) - config.head_blocks
-        for group, decision in zip(self.groups, decisions):
-            call.record(self.step, self.branch, group, decision, config.head_blocks, rest)
-        if not cache.warned:
-            cache.warned = warn_if_never_hit(config, call)
-
-    def _moved(self, t: Tensor, source: int, target: int, like: Tensor) -> Tensor:
-        """``t``, taken at block ``source``, in the layout of block ``target`` (``BlockLayout.relayout``)."""
-        lists, relayout = self.cache.lists, self.layout.relayout
-        if relayout is None or lists[source] == lists[target]:
-            return t
-        return relayout(t, lists[source], lists[target], like)
-
-    def _at_last(self, rest_in: Tensor, like: Tensor) -> Tensor:
-        """A stream of the remaining blocks' input in the last block's layout."""
-        return self._moved(rest_in, self.cache.config.head_blocks, len(self.cache.blocks) - 1, like)
-
-    def _store_all(self, out: Streams) -> None:
-        residual = [None if o is None else o - self._at_last(i, o) for o, i in zip(out, self.rest_in)]
-        for group in self.groups:
-            group.store(tuple(None if r is None else r[group.rows] for r in residual), self.step,
-                        self.cache.config.fit_steps)  # fmt: skip
-
-    def _skipped(self, group: Group) -> Streams:
-        """A skipped group's rows of the last block's output: head output + cached residual per stream."""
-        cached = group.cached()
-        return tuple(None if r is None else self._at_last(i, r)[group.rows] + r
-                     for i, r in zip(self.rest_in, cached))  # fmt: skip
-
-    def _replayed(self) -> Streams:
-        parts = [self._skipped(group) for group in self.groups]
-        return parts[0] if len(parts) == 1 else tuple(_cat(p) for p in zip(*parts))
-
-    def _joined(self, computed: Streams) -> Streams:
-        """The last block's output when one half computed (``computed``, its rows) and the other skipped;
-        records the computing half's residual."""
-        parts = []
-        for group, computing in zip(self.groups, self.computing):
+    def output(self, out):
+        """The call's output: ``out`` (the transformer's own, or the last computed call's on a skipped step)
+        with each skipping group's rows of the sample predicted; each computing group keeps its rows as a
+        node and records the miss of their prediction."""
+        config, sample, parts = self.cache.config, _sample(out), []
+        for group, entry, computing in zip(self.groups, self.entries, self.computing):
+            rows = sample[group.rows]
             if computing:
-                residual = tuple(None if o is None else o - i[group.rows] for o, i in zip(computed, self.rest_in))
-                group.store(residual, self.step, self.cache.config.fit_steps)
-                parts.append(computed)
-            else:
-                parts.append(self._skipped(group))
-        return tuple(_cat(p) for p in zip(*parts))
+                entry["miss"] = group.computed(config, self.step, rows)
+            parts.append(rows if computing else group.predicted(self.step, config.order))
+        if all(self.computing):
+            self.cache.shell = out
+            return out
+        return _with_sample(out, parts[0] if len(parts) == 1 else torch.cat(parts))
+
+    def _joined(self, named: dict, computed: Streams) -> Streams:
+        """The last block's output when one half computed (``computed``, its rows) and the other skips:
+        the computed rows and the skipping half's input rows (its output rows are predicted afterwards)."""
+        return tuple(None if c is None else torch.cat([c if computing else named[name][group.rows]
+                                                       for group, computing in zip(self.groups, self.computing)])
+                     for name, c in zip(self.layout.streams, computed))  # fmt: skip
 
     def _rows(self, name: str, value, rows: slice):
         """A block argument for the half-batch run: the real tensor behind a stand-in, a batch argument's
@@ -338,8 +305,14 @@ class _Run:
         return tuple(stand_ins)
 
 
-def _cat(parts: tuple[Optional[Tensor], ...]) -> Optional[Tensor]:
-    return None if parts[0] is None else torch.cat(parts)
+def _sample(out) -> Tensor:
+    """A transformer output's sample: the first element of a tuple, else ``.sample``."""
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _with_sample(out, sample: Tensor):
+    """``out`` (a tuple, or a diffusers output dataclass) with its sample replaced."""
+    return (sample, *out[1:]) if isinstance(out, tuple) else dataclasses.replace(out, sample=sample)
 
 
 def _parameter_names(module: nn.Module) -> list[str]:

@@ -1,16 +1,15 @@
 """Installing the runners: what ``patch(..., cuda_graphs=...)`` does.
 
-Without the step cache, one ``GraphRunner`` becomes the transformer's ``forward`` instance attribute,
-wrapping whatever ``forward`` was there: the whole forward, patched blocks included, is one recording
-per input layout.
+One ``GraphRunner`` becomes the transformer's ``forward`` instance attribute, wrapping whatever
+``forward`` was there: the whole forward, patched blocks included, is one recording per input layout.
+The step cache decides before the forward runs, so its forward wraps this runner: a computed step
+replays, a skipped one runs nothing.
 
-With the step cache, no recording may span its per-step decision (taken between the head block(s) and the
-rest, from the head's residual). ``apply`` is then called before the cache attaches, with the blocks the
-cache will wrap, and gives each block its own runner inside the cache's wrapper: the head blocks replay,
-the cache decides (its small device-to-host read), then each remaining block replays, or none runs on a
-skipped step (the cache adds its cached residual). A mixed CFG step (``cfg="per_half"``) runs the
-remaining blocks on a half batch: another input layout, captured once. The embeddings before the blocks
-and the output layers after them run eagerly.
+With ``CacheConfig(cfg="per_half")`` a step may run the blocks on one half of the batch, which the cache
+arranges from inside each block's forward, so no recording may span the blocks: ``apply`` is then called
+before the cache attaches, with the blocks the cache will wrap, and gives each block its own runner
+inside the cache's wrapper (a half batch is another input layout, captured once). The embeddings before
+the blocks and the output layers after them then run eagerly.
 
 Everything goes through the patch's ``Patcher`` (``unpatch`` removes it); the runners are listed in the
 transformer's ``_dit_kernels_graph_runners`` (``graph_runners``). Fallbacks (no CUDA, a hooked forward,
