@@ -16,8 +16,8 @@ After every check has passed (nothing changes before), on each rank:
   parallel once patched; diffusers' dispatching processors need a backend that supports it (Ring: one
   returning the log-sum-exp, which SDPA does not).
 
-The step cache reads the same config (``parallel.shards.sum_over_shards``): its change measure is summed
-over the ranks before it decides, so every rank computes or skips the same blocks.
+The step cache needs nothing from here: it decides from the transformer's output, which the plan gathers
+whole on every rank, so every rank computes or skips the same steps.
 
 Why not ``ModelMixin.enable_parallelism``: it places each rank on ``rank % torch.accelerator.device_count()``,
 a division by zero on a machine without an accelerator (CPU over gloo), and installs its hooks as instance
