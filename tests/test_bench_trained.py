@@ -46,6 +46,25 @@ def test_rows_count_blocks_like_first_block_cache(dit):
         assert 0 <= row["accuracy %"] <= 100
 
 
+def test_cache_dit_row_skips_blocks_and_resets_between_loops(dit):
+    """The optional cache-dit row (DBCache F1B0 + TaylorSeer): exact at threshold 0; at an unreachable
+    threshold, the warm-up steps compute every block and later steps only the first; the same images and
+    count on a second loop (its state reset)."""
+    pytest.importorskip("cache_dit")
+    setting = trained.Setting("digits-dit", **SETTING)
+    per_step = len(trained.blocks_of(dit.transformer))
+    truth = trained.uncached_row("eager", dit, setting).generate(setting)
+    exact = trained.cache_dit_row("cache-dit 0", dit, setting, 0.0)
+    assert math.isinf(trained.quality(exact, setting, exact.generate(setting), truth)["PSNR (dB)"])
+    assert exact.evaluations() == per_step * setting.steps
+    row = trained.cache_dit_row("cache-dit 1e9", dit, setting, 1e9, order=1, warmup=2)
+    images = row.generate(setting)
+    got = trained.quality(row, setting, images, truth)
+    assert got["block evals"] == 2 * per_step + (setting.steps - 2) < per_step * setting.steps
+    assert math.isfinite(got["PSNR (dB)"]) and got["fewer evals"] > 1
+    assert torch.equal(row.generate(setting), images) and row.evaluations() == got["block evals"]
+
+
 def test_recognisable_uncached_samples(dit):
     """A few samples at few steps are already mostly the requested digit (the full check is the model card)."""
     images = builtin.sample(dit, torch.arange(10), steps=10, generator=torch.Generator().manual_seed(0))

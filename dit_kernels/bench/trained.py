@@ -18,7 +18,9 @@ cached step counts each half as half a block), PSNR of the final images vs eager
 
 ``--sweep`` instead runs the quality-vs-cost curves the default ``CacheConfig`` was chosen from: per
 model, without and with classifier-free guidance, PSNR and accuracy vs fewer block evaluations for the
-step cache over thresholds, FirstBlockCache over thresholds and TaylorSeer over intervals and orders.
+step cache over thresholds, FirstBlockCache over thresholds and TaylorSeer over intervals and orders, and,
+only where the optional ``cache_dit`` imports (``pip install --no-deps cache-dit==1.5.3``; skipped silently
+otherwise), cache-dit's DBCache F1B0 + TaylorSeer over residual-diff thresholds (``cache_dit_row``).
 """
 
 from __future__ import annotations
@@ -170,6 +172,55 @@ def taylorseer(interval: Optional[int] = None, order: Optional[int] = None) -> C
     return apply
 
 
+# ----------------------------------------------------------------------------- cache-dit (optional)
+
+CACHE_DIT_SWEEP = (0.05, 0.1, 0.2, 0.3, 0.5)  # residual_diff_threshold, at cache_dit_row's order and warm-up
+
+
+def cache_dit_available() -> bool:
+    try:
+        import cache_dit  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def cache_dit_row(label: str, bundle: builtin.BuiltinModel, setting: Setting, threshold: float, order: int = 2,
+                  warmup: int = 4) -> Row:  # fmt: skip
+    """cache-dit's DBCache with Fn=1, Bn=0 (the first block always computed; the rest skipped while its
+    residual's relative L1 change stays under ``threshold``) plus its TaylorSeer calibrator (``order``) on the
+    skipped residual, ``warmup`` steps always computed (defaults: the best of orders 1/2 and warm-ups 4/8 at
+    most costs on both built-in models, 50 steps). Applied to the bare transformer through cache-dit's
+    registered adapter (``enable_cache(transformer)``: its DiT / FLUX ``BlockAdapter`` on a stand-in pipeline,
+    a persistent context; FLUX's double and single blocks run as one list), batched CFG in one call
+    (``enable_separate_cfg=False``); the context rebuilt before each loop (``refresh_context``)."""
+    import copy
+    import logging
+
+    import cache_dit
+    from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+
+    for handler in logging.getLogger("CACHE_DIT").handlers:  # its INFO lines go to stdout
+        handler.setLevel(logging.WARNING)
+    config = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+                           max_warmup_steps=warmup, enable_separate_cfg=False, num_inference_steps=setting.steps)
+    calibrator = TaylorSeerCalibratorConfig(taylorseer_order=order)
+    model = _sharing_weights(bundle.transformer)
+    cache_dit.enable_cache(model, cache_config=copy.deepcopy(config), calibrator_config=copy.deepcopy(calibrator))
+    counter = _Counted(model)
+
+    class Session:
+        def __enter__(self):
+            cache_dit.refresh_context(model, cache_config=copy.deepcopy(config),
+                                      calibrator_config=copy.deepcopy(calibrator))  # fmt: skip
+            counter.reset()
+
+        def __exit__(self, *exc):
+            return None
+
+    return Row(label, _with(bundle, model), Session, lambda: counter.count)
+
+
 def default_rows(bundle: builtin.BuiltinModel, setting: Setting) -> list[Row]:
     patched = _sharing_weights(bundle.transformer)
     dit_kernels.patch(patched)
@@ -236,6 +287,9 @@ def sweep_rows(bundle: builtin.BuiltinModel, setting: Setting, default: CacheCon
     for interval in SWEEP["TaylorSeer"]:
         for order in (1, 2):
             rows.append(diffusers_row(f"TaylorSeer {interval} order {order}", bundle, taylorseer(interval, order)))
+    if cache_dit_available():
+        for t in CACHE_DIT_SWEEP:
+            rows.append(cache_dit_row(f"cache-dit DBCache F1B0 + TaylorSeer {t:g}", bundle, setting, t))
     return rows
 
 
