@@ -104,14 +104,14 @@ def patch(
     switch on, ``cache=0.1`` is ``CacheConfig(threshold=0.1)``) returns the first report and changes nothing;
     with other arguments it raises ValueError naming each one that differs (``unpatch`` first).
 
-    ``cache``: None (off), a threshold (float) or a ``CacheConfig``: step caching (``dit_kernels.cache``),
-    wrapped around whatever the blocks run (fused or eager); given a pipeline, its state resets at each
-    pipeline call. TypeError/ValueError for a bad value, before anything changes.
+    ``cache``: None (off), a threshold (float) or a ``CacheConfig``: step caching (``dit_kernels.cache``):
+    skipped steps return the transformer output extrapolated from computed ones, whatever the blocks run
+    (fused or eager); given a pipeline, its state resets at each pipeline call. TypeError/ValueError for a bad value, before anything changes.
 
     ``cuda_graphs``: "auto" (default) replays the forward from CUDA graphs captured per input layout when
     the model is on CUDA, and does nothing elsewhere; True also reports why not on another device; a
-    ``dit_kernels.graphs.GraphConfig``: as True, with that config; False never (``dit_kernels.graphs``: with
-    ``cache``, one graph per block around the cache's decision).
+    ``dit_kernels.graphs.GraphConfig``: as True, with that config; False never (``dit_kernels.graphs``: a cached
+    step that skips replays nothing; with ``CacheConfig(cfg="per_half")``, one graph per block).
 
     A pipeline with several transformers (Wan 2.2 A14B: ``transformer`` for the high-noise steps,
     ``transformer_2`` for the low-noise ones) has each patched with these arguments, each with its own step
@@ -209,14 +209,15 @@ def patch_report(pipe_or_transformer) -> Optional[PatchReport]:
 
 def cache_stats(pipe_or_transformer) -> dict:
     """The step cache's counts: totals (steps, blocks_computed, blocks_skipped, hit_rate) and per call
-    (the last 64) the same plus the per-step decision trace (step, branch, group, change, accumulated,
-    decision, reason). ValueError when the model is not patched with a cache."""
+    (the last 64) the same plus the per-step decision trace (step, branch, group, decision, reason,
+    the planned interval, and on a computed step the miss of its extrapolated output). ValueError when the
+    model is not patched with a cache."""
     return _step_cache(pipe_or_transformer).stats()
 
 
 def reset_cache(pipe_or_transformer, num_steps: Optional[int] = None) -> None:
     """Start a new call of the step cache (a bare transformer's next sampling loop): forget every cached
-    residual; ``num_steps`` turns on the final-steps rule."""
+    output; ``num_steps`` turns on the final-steps rule."""
     _step_cache(pipe_or_transformer).reset(num_steps)
 
 

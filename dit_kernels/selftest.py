@@ -181,7 +181,7 @@ def end_to_end() -> tuple[bool, str]:
     with tempfile.TemporaryDirectory() as out_dir:
         code, out = _command([sys.executable, "-m", "dit_kernels.bench", "--model", DEFAULT_FAMILY, "--config", "small",
                               "--dtype", "bf16", "--steps", "8", "--repeats", "3", "--compile", "--cuda-graphs",
-                              "--cache", "0.08", "--out", out_dir])  # fmt: skip
+                              "--out", out_dir])  # fmt: skip
         results = Path(out_dir, "results.md")
         return code == 0 and results.exists(), results.read_text() if results.exists() else _tail(out)
 

@@ -44,7 +44,7 @@ from dit_kernels.cache import CacheConfig
 
 FBC_DEFAULT = 0.05  # diffusers' FirstBlockCacheConfig().threshold
 SWEEP = {
-    "step cache": (0.02, 0.03, 0.04, 0.05, 0.07, 0.1),
+    "step cache": (0.03, 0.05, 0.07, 0.1, 0.15, 0.3),
     "FirstBlockCache": (0.05, 0.1, 0.15, 0.25, 0.4),
     "TaylorSeer": (2, 3, 4, 6),  # cache_interval
 }

@@ -1,4 +1,5 @@
-"""Step cache (First-Block-Cache style residual reuse across denoising steps; no KV cache).
+"""Step cache: skipped denoising steps return the transformer output extrapolated from computed steps,
+with the interval between computed steps under error control (no KV cache).
 
 ``config``: CacheConfig and its checks. ``policy``: the skip rule, per-group state, stats.
 ``step_cache``: the wrappers and per-call state. Which blocks a model has is its family's
