@@ -150,10 +150,9 @@ def half(family: str, x: dict, rows: slice) -> dict:
     return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 2 else v for k, v in x.items()}
 
 
-def cfg_steps(family: str, model, steps: int = 6):
-    """Inputs per step: the first half barely moves (timestep 900 - 0.01 s), the second gets new latents
-    every step, so per half the first skips and the second computes."""
-    x = inputs(family, model)
+def cfg_steps(family: str, x: dict, steps: int = 6):
+    """Inputs per step from the batch-2 inputs ``x``: the first half barely moves (timestep 900 - 0.01 s),
+    the second gets new latents every step, so per half the first skips and the second computes."""
     generator = torch.Generator().manual_seed(3)
     for step in range(steps):
         y = dict(x)
@@ -176,7 +175,7 @@ CFG_RULES = dict(threshold=0.1, warmup_steps=1, final_steps_computed=0, max_cons
 def test_per_half_decides_each_half_like_a_run_of_that_half_alone(family, kernels):
     model = cached(build(family), kernels, cfg="per_half", **CFG_RULES)
     alone = [cached(build(family), kernels, **CFG_RULES) for _ in range(2)]
-    steps = list(cfg_steps(family, model))
+    steps = list(cfg_steps(family, inputs(family, model)))
     both = run_steps(model, steps)
     rows = (slice(0, 1), slice(1, 2))
     halves = [run_steps(m, [half(family, x, r) for x in steps]) for m, r in zip(alone, rows)]
@@ -194,7 +193,7 @@ def test_joint_decides_on_the_whole_batch(family):
     """Same inputs as the per-half test (whose halves decide differently): one decision per step, applied
     to both halves: a computed step is eager's output in both rows, a skipped one predicts both."""
     model, eager = cached(build(family), **dict(CFG_RULES, threshold=1e9)), build(family)
-    steps = list(cfg_steps(family, model))
+    steps = list(cfg_steps(family, inputs(family, model)))
     outputs = run_steps(model, steps)
     with torch.no_grad():
         truth = [eager(**x, return_dict=False)[0] for x in steps]

@@ -35,6 +35,7 @@ from dit_kernels.graphs.tree import describe
 from dit_kernels.models import FAMILY_MODULES, family_named, family_of
 from dit_kernels.patching import OpBackends, Patcher
 from patch_parity import FP32_ATOL, FP32_RTOL, forward
+from test_cache import cfg_steps
 from test_pipelines import CASES, run
 from tolerances import assert_within_eager_bound
 
@@ -527,20 +528,6 @@ def test_every_family_with_step_cache_replays_computed_steps_only(family, cfg):
     assert_cache_runners(model, cfg, computed=FORCED_TRACE.count("compute"))
 
 
-def diverging_halves(family: str, model: nn.Module, steps: int = 6):
-    """Inputs per step, batch 2: the first CFG half barely moves (same latents, timestep 900 - 0.01 s), the
-    second gets new latents every step, so with HALF_RULES the first half skips once its first miss is
-    measured and the second computes every step."""
-    x = zoo.transformer_inputs(family, model, family_shape(family, model, 8, 8), torch.float32)
-    generator = torch.Generator().manual_seed(3)
-    for step in range(steps):
-        y = dict(x)
-        fresh = torch.randn(x["hidden_states"][1:].shape, generator=generator)
-        y["hidden_states"] = torch.cat([x["hidden_states"][:1], fresh])
-        zoo.set_timestep(family, y, 900 - 0.01 * step)
-        yield y
-
-
 HALF_RULES = dit_kernels.CacheConfig(threshold=0.1, warmup_steps=1, final_steps_computed=0,
                                      max_consecutive_skips=100, cfg="per_half")  # fmt: skip
 
@@ -548,16 +535,18 @@ HALF_RULES = dit_kernels.CacheConfig(threshold=0.1, warmup_steps=1, final_steps_
 @pytest.mark.parametrize("family", [family for family, cfg in FAMILY_CFGS if cfg == "per_half"])
 @torch.no_grad()
 def test_per_half_block_runners_capture_the_half_batch_as_another_layout(family):
-    """cfg="per_half" with halves that decide differently: on the steps where one half computes, every block
-    runs on that half's rows, a second input layout each block runner captures once; the outputs and the
-    trace are those of the cached model without graphs."""
+    """cfg="per_half" with halves that decide differently (``cfg_steps``: with HALF_RULES the first half
+    skips once its first miss is measured, the second computes every step): on the steps where one half
+    computes, every block runs on that half's rows, a second input layout each block runner captures once;
+    the outputs and the trace are those of the cached model without graphs."""
     outputs, traces = {}, {}
     for graphed in (False, True):
         torch.manual_seed(0)
         model = zoo.build(family, "tiny")
         dit_kernels.patch(model, backend="torch", cache=HALF_RULES, cuda_graphs=REPLAY if graphed else False)
         with dit_kernels.cache_session(model):
-            outputs[graphed] = [model(**x, return_dict=False)[0] for x in diverging_halves(family, model)]
+            x = zoo.transformer_inputs(family, model, family_shape(family, model, 8, 8), torch.float32)
+            outputs[graphed] = [model(**y, return_dict=False)[0] for y in cfg_steps(family, x)]
         traces[graphed] = dit_kernels.cache_stats(model)["calls"][-1]["trace"]
     assert traces[True] == traces[False]
     assert all(torch.equal(a, b) for a, b in zip(outputs[True], outputs[False], strict=True))

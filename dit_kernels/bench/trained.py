@@ -44,7 +44,8 @@ from dit_kernels.cache import CacheConfig
 
 FBC_DEFAULT = 0.05  # diffusers' FirstBlockCacheConfig().threshold
 SWEEP = {
-    "step cache": (0.03, 0.05, 0.07, 0.1, 0.15, 0.3),
+    "step cache": (0.01, 0.02, 0.03, 0.05, 0.1),  # the default cap of 5 skips in a row binds from ~0.07 on
+    "step cache, 8 skips": (0.1, 0.2),  # beyond: max_consecutive_skips=8
     "FirstBlockCache": (0.05, 0.1, 0.15, 0.25, 0.4),
     "TaylorSeer": (2, 3, 4, 6),  # cache_interval
 }
@@ -282,6 +283,9 @@ def sweep_rows(bundle: builtin.BuiltinModel, setting: Setting, default: CacheCon
     rows = [uncached_row("eager diffusers", bundle, setting)]
     for t in SWEEP["step cache"]:
         rows.append(step_cache_row(f"step cache {t:g}", bundle, setting, dataclasses.replace(default, threshold=t)))
+    for t in SWEEP["step cache, 8 skips"]:
+        config = dataclasses.replace(default, threshold=t, max_consecutive_skips=8)
+        rows.append(step_cache_row(f"step cache, 8 skips {t:g}", bundle, setting, config))
     for t in SWEEP["FirstBlockCache"]:
         rows.append(diffusers_row(f"FirstBlockCache {t:g}", bundle, first_block_cache(t)))
     for interval in SWEEP["TaylorSeer"]:

@@ -41,7 +41,10 @@ class CacheConfig:
       applies when the step count is known (a pipeline call, or ``cache_session(num_steps=...)``).
     - ``cfg`` ("joint"): a batched classifier-free-guidance call is planned on the whole batch;
       "per_half" plans the two halves independently (each its own nodes and interval; when only one half
-      computes, the blocks run on that half's rows only). An odd batch is one group either way.
+      computes, the blocks run on that half's rows only). An odd batch is one group either way. Joint
+      won on the trained DiT with guidance 2 (23.4 dB at 4.2x against per-half's 23.4 dB at 4.0x and
+      19.7 dB at 2.6x): the guided ``u + g (c - u)`` cancels the halves' extrapolation errors where both are
+      predicted from the same steps, and doubles one half's where the other is computed.
     """
 
     threshold: float = 0.1
