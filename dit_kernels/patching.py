@@ -60,10 +60,9 @@ class BlockLayout:
     pairs with the same effect when the call passes that value.
 
     ``interleaved``: the lists' blocks run in turns (list 0's first, list 1's first, list 0's second, ...:
-    Latte's spatial and temporal blocks) instead of one list after the other. ``relayout(t, source,
-    target, like)``: for a transformer that reshapes the residual stream between blocks of different lists
-    (Latte swaps its batch and sequence axes), ``t`` from the layout of list ``source``'s blocks into that
-    of list ``target``'s (``like``: a tensor in the target layout); None: one layout for all blocks."""
+    Latte's spatial and temporal blocks) instead of one list after the other. ``reshapes``: the transformer
+    reshapes the residual stream between blocks of different lists (Latte swaps its batch and sequence
+    axes), so the blocks' batch is not the call's and no block may run on part of the batch."""
 
     block_lists: tuple[str, ...]
     joint: bool
@@ -71,7 +70,7 @@ class BlockLayout:
     bypass_args: tuple[str, ...] = ()
     bypass_values: tuple[tuple[str, object], ...] = ()
     interleaved: bool = False
-    relayout: Optional[Callable[[Tensor, str, str, Tensor], Tensor]] = None
+    reshapes: bool = False
 
     @property
     def streams(self) -> tuple[str, ...]:
@@ -80,15 +79,8 @@ class BlockLayout:
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         """The blocks in the order they run."""
-        return [block for _, block in self._listed(transformer)]
-
-    def lists(self, transformer: nn.Module) -> list[str]:
-        """The list each block of ``blocks`` comes from."""
-        return [name for name, _ in self._listed(transformer)]
-
-    def _listed(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-        lists = [[(name, block) for block in getattr(transformer, name)] for name in self.block_lists]
-        return [pair for turn in zip(*lists) for pair in turn] if self.interleaved else sum(lists, [])
+        lists = [list(getattr(transformer, name)) for name in self.block_lists]
+        return [block for turn in zip(*lists) for block in turn] if self.interleaved else sum(lists, [])
 
     def streams_of(self, output) -> tuple[Optional[Tensor], ...]:
         """A block's output as its streams, in ``streams`` order."""

@@ -29,7 +29,7 @@ from patch_parity import FP32_ATOL, FP32_RTOL, assert_unchanged, snapshot
 
 FAMILIES = FAMILY_MODULES
 # cfg="per_half" runs the remaining blocks on half the batch: not where the stream is reshaped between blocks
-HALVES = [family for family in FAMILIES if family_named(family).blocks.relayout is None]
+HALVES = [family for family in FAMILIES if not family_named(family).blocks.reshapes]
 KERNELS = [False, True]
 # Every skip the rules allow: a threshold no change reaches.
 ALWAYS = dict(threshold=1e9, warmup_steps=2, max_consecutive_skips=3, final_steps_computed=2)

@@ -475,7 +475,7 @@ FORCED_STEPS = 8
 FORCED_TRACE = ["compute"] * 3 + ["skip"] * 3 + ["compute"] * 2
 # Every family with cfg="joint", and with cfg="per_half" where its blocks allow half-batch runs.
 FAMILY_CFGS = [(family, cfg) for family in zoo.FAMILIES for cfg in CFG_MODES
-               if cfg == "joint" or family_named(family).blocks.relayout is None]  # fmt: skip
+               if cfg == "joint" or not family_named(family).blocks.reshapes]  # fmt: skip
 
 
 def decisions_by_group(trace: list[dict]) -> dict[str, list[str]]:

@@ -52,7 +52,7 @@ Streams = tuple[Optional[Tensor], ...]
 def validate(transformer: nn.Module, layout: BlockLayout, config: CacheConfig) -> None:
     """ValueError when the cache cannot wrap ``transformer`` (blocks as in ``layout``, its family's) with
     ``config`` (before anything changes)."""
-    if layout.relayout is not None and config.cfg == "per_half":
+    if layout.reshapes and config.cfg == "per_half":
         raise ValueError(f"CacheConfig(cfg='per_half') runs the blocks on half the batch, which "
                          f"{type(transformer).__name__} does not allow (it reshapes the residual stream between "
                          "its blocks); use cfg='joint'")  # fmt: skip
@@ -66,7 +66,6 @@ class StepCache:
         self.config = config
         self.layout = layout
         self.blocks = self.layout.blocks(transformer)
-        self.lists = self.layout.lists(transformer)
         self.calls: collections.deque[CallStats] = collections.deque(maxlen=KEEP_CALLS)
         self.run: Optional[_Run] = None
         self.num_steps: Optional[int] = None

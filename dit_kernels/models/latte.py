@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch
 from diffusers import LatteTransformer3DModel
-from torch import Tensor
 
 from dit_kernels.models import basic_block, pixart
 from dit_kernels.models.family import Family, Shape
@@ -65,16 +64,11 @@ CONFIGS = {
                            caption_channels=32, sample_size=8, video_length=3),  # fmt: skip
 }
 
-def relayout(t: Tensor, source: str, target: str, like: Tensor) -> Tensor:
-    """The residual stream between the two block kinds, as the transformer's loop swaps it: spatial
-    [B * F, S, D] <-> temporal [B * S, F, D] (``like``: a tensor in the target layout, giving F or S)."""
-    batch = t.shape[0] // like.shape[1]
-    return t.unflatten(0, (batch, like.shape[1])).transpose(1, 2).flatten(0, 1)
 
-
-# The step cache's view: spatial and temporal blocks in turns, the stream reshaped between them; a call
-# without temporal attention leaves half the blocks out, so it runs uncached.
-BLOCKS = dataclasses.replace(basic_block.BLOCKS, block_lists=tuple(KINDS), interleaved=True, relayout=relayout,
+# The step cache's view: spatial and temporal blocks in turns, the stream reshaped between them (spatial
+# [B * F, S, D], temporal [B * S, F, D]); a call without temporal attention leaves half the blocks out, so it
+# runs uncached.
+BLOCKS = dataclasses.replace(basic_block.BLOCKS, block_lists=tuple(KINDS), interleaved=True, reshapes=True,
                              bypass_values=(("enable_temporal_attentions", False),))  # fmt: skip
 
 FAMILY = Family(
