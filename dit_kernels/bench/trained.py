@@ -43,6 +43,7 @@ from dit_kernels.bench.report import device_name, markdown
 from dit_kernels.cache import CacheConfig
 
 FBC_DEFAULT = 0.05  # diffusers' FirstBlockCacheConfig().threshold
+PLOT_TOP_DB = 80  # the plot's PSNR axis ends here: above, images equal to fp32 rounding (up to ~150 dB)
 SWEEP = {
     "step cache": (0.01, 0.02, 0.03, 0.05, 0.1),  # the default cap of 5 skips in a row binds from ~0.07 on
     "step cache, 8 skips": (0.1, 0.2),  # beyond: max_consecutive_skips=8
@@ -353,6 +354,7 @@ def plot_quality(points: dict[str, list[dict]], path: Path) -> Optional[str]:
             xy.sort()
             axis.plot(*zip(*xy), marker="o", markersize=3, label=name)
         axis.set(title=title, xlabel="fewer block evaluations (x)", ylabel="PSNR vs uncached (dB)")
+        axis.set_ylim(top=min(axis.get_ylim()[1], PLOT_TOP_DB))
         axis.grid(alpha=0.3)
     if axes[0][-1].get_legend_handles_labels()[0]:
         axes[0][-1].legend(fontsize=7)
