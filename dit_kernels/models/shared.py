@@ -167,6 +167,8 @@ def gelu_fits_epilogue(ff: nn.Module, x: Tensor, ops: OpBackends) -> bool:
     """FeedForward(activation_fn="gelu-approximate") whose ``net[0].proj`` is a plain biased nn.Linear, nothing
     hooked, eager inference, and ``ops.gelu_epilogue`` (None: on CUDA, where ``_addmm_activation``'s GELU is
     the tanh approximation; on CPU it is the exact erf GELU, so CPU calls the module)."""
+    if not gelu_epilogue_on(x, ops):  # first: the answer on CPU, at no module inspection per call
+        return False
     from diffusers.models.activations import GELU
     from diffusers.models.attention import FeedForward
 
@@ -178,7 +180,6 @@ def gelu_fits_epilogue(ff: nn.Module, x: Tensor, ops: OpBackends) -> bool:
         and act.proj.bias is not None
         and not is_hooked(ff)
         and not is_hooked(act)
-        and gelu_epilogue_on(x, ops)
     )
 
 

@@ -52,23 +52,32 @@ PARAMETERS = ("gate", "shift", "scale", "weight", "bias")  # may be fp32 with a 
 
 def _reference(x, y, gate, shift, scale, weight, bias, eps: float, normalize: bool):
     """Returns ``(out, h)``: ``h = x + gate * y`` when ``y`` is given (else None), ``out`` the
-    modulated LayerNorm of h (or of x) when ``normalize`` (else None). Operands already validated."""
-    gate, shift, scale = (None if t is None else _broadcastable(t).float() for t in (gate, shift, scale))
+    modulated LayerNorm of h (or of x) when ``normalize`` (else None). Operands already validated.
+    ``h`` is contiguous whatever x's strides (as every backend's), so a transposed x (DiT's patch
+    embedding) does not pass its layout down the residual stream to every later op: summed as ``addend +
+    x`` (diffusers' order) it takes the addend's layout, contiguous wherever y is, with no copy. ``out`` is
+    LayerNorm's fresh fp32 output, modulated in place."""
     h = None
     base = x.float()
     if y is not None:
-        addend = y.float() if gate is None else gate * y.float()
-        h = (base + addend).to(x.dtype)
+        addend = y.float() if gate is None else _fp32_rows(gate) * y.float()
+        h = (addend + base).to(x.dtype).contiguous()
         base = h.float()
     if not normalize:
         return None, h
-    vectors = (None if t is None else t.float() for t in (weight, bias))
-    out = F.layer_norm(base, base.shape[-1:], *vectors, eps=eps)  # fp32 in, fp32 statistics
+    weight = None if weight is None else weight.float()
+    bias = None if bias is None else bias.float()
+    out = F.layer_norm(base, base.shape[-1:], weight, bias, eps)  # fp32 in, fp32 statistics
     if scale is not None:
-        out = out.mul_(1 + scale)
+        out = out.mul_(1 + _fp32_rows(scale))
     if shift is not None:
-        out = out.add_(shift)
+        out = out.add_(_fp32_rows(shift))
     return out.to(x.dtype), h
+
+
+def _fp32_rows(t: Tensor) -> Tensor:
+    """A modulation tensor as fp32 [B, 1, D] / [B, S, D] (``_broadcastable``)."""
+    return _broadcastable(t).float()
 
 
 # -------------------------------------------------------------------------------- operand layout

@@ -74,19 +74,20 @@ def rotate_pairs(x: Tensor, rope: str) -> Tensor:
 
 def _reference_slot(slot: Slot, norm: Optional[str], eps: float, cos, sin, rope: str, seq_offset: int,
                     across_heads: bool) -> None:  # fmt: skip
+    """The slot's math in fp32 (``F.rms_norm`` / ``F.layer_norm``: one fused op each; RoPE accumulated in
+    place on the rotated copy), rounded once into ``slot.dest``."""
     x = slot.source.float()
     normed = x.shape[-2:] if across_heads else x.shape[-1:]  # [H, Dh] or [Dh]
     weight, bias = (None if t is None else t.float().view(normed) for t in (slot.weight, slot.bias))
     if slot.normalize and norm == "layer":
         x = F.layer_norm(x, normed, weight, bias, eps)
     elif slot.normalize and norm == "rms":
-        x = x * torch.rsqrt(x.square().mean(dim=tuple(range(-len(normed), 0)), keepdim=True) + eps)
-        x = x if weight is None else x * weight
+        x = F.rms_norm(x, normed, weight, eps)
         x = x if bias is None else x + bias
     if slot.rotate:
         rows = slice(seq_offset, seq_offset + x.shape[1])
-        c, s = (t[rows].float()[None, :, None, :] for t in (cos, sin))
-        x = x * c + rotate_pairs(x, rope) * s
+        c, s = cos[rows, None], sin[rows, None]  # [S, 1, Dh]: broadcast over the batch and the heads
+        x = rotate_pairs(x, rope).mul_(s).add_(x * c)  # x * cos + rotate(x) * sin
     slot.dest.copy_(x)
 
 
