@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from dit_kernels.models.shared import (
     FusedAttnProcessor,
     block_feed_forward,
+    call_attention,
     check_type,
     check_unwrapped,
     gated_feed_forward,
@@ -148,11 +149,13 @@ def block_forward(ops: OpBackends, kind: BasicBlockKind):
         shift_msa, scale_msa, gate_msa, *mlp = kind.modulation(block, hidden_states, timestep, class_labels)
         kwargs = _attention_kwargs(cross_attention_kwargs)
         normed = modulate(hidden_states, attn_norm(block), shift_msa, scale_msa, ops)
-        attn = block.attn1(normed, encoder_hidden_states=None, attention_mask=attention_mask, **kwargs)
+        attn = call_attention(block.attn1, FusedAttnProcessor, hidden_states=normed, encoder_hidden_states=None,
+                              attention_mask=attention_mask, **kwargs)  # fmt: skip
         if block.attn2 is not None:
             hidden_states = gated_residual(hidden_states, attn, gate_msa, backend=ops.norm)
-            attn = block.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
-                               attention_mask=encoder_attention_mask, **kwargs)  # fmt: skip
+            attn = call_attention(block.attn2, FusedAttnProcessor, hidden_states=hidden_states,
+                                  encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
+                                  **kwargs)  # fmt: skip
             gate_msa = None
         ff = block_feed_forward(block, block.ff, ops)
         return gated_feed_forward(hidden_states, attn, (gate_msa, *mlp), ff_norm(block), ff, ops)

@@ -57,6 +57,7 @@ from dit_kernels.models.shared import (
     JOINT_BLOCK_BATCH_ARGS,
     Stream,
     attend,
+    call_attention,
     check_qk_norms,
     check_type,
     check_unwrapped,
@@ -180,7 +181,9 @@ def _double_block_forward(ops: OpBackends):
     def forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
         img = modulation(block.norm1, temb, 6)
         txt = modulation(block.norm1_context, temb, 6)
-        attn_img, attn_txt, *ip_adapter = block.attn(
+        attn_img, attn_txt, *ip_adapter = call_attention(
+            block.attn,
+            FluxFusedAttnProcessor,
             hidden_states=modulate(hidden_states, block.norm1.norm, img[0], img[1], ops),
             encoder_hidden_states=modulate(encoder_hidden_states, block.norm1_context.norm, txt[0], txt[1], ops),
             image_rotary_emb=image_rotary_emb,
@@ -206,7 +209,8 @@ def _single_block_forward(ops: OpBackends):
         residual = _joined(encoder_hidden_states, hidden_states)
         shift, scale, gate = modulation(block.norm, temb, 3)
         normed = modulate(residual, block.norm.norm, shift, scale, ops)
-        attn = block.attn(hidden_states=normed, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+        attn = call_attention(block.attn, FluxFusedAttnProcessor, hidden_states=normed,
+                              image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))  # fmt: skip
         out = _project_out(block, attn, _mlp(block, normed, ops))
         joint = clip_fp16(gated_residual(residual, out, gate, backend=ops.norm))
         return joint[:, :text_len], joint[:, text_len:]

@@ -10,6 +10,7 @@ that peft injects before or after ``patch`` keep working, and the state dict nev
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -234,6 +235,23 @@ def is_hooked(module: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- attention
+
+
+def call_attention(attn: nn.Module, processor_cls: type, **kwargs) -> Tensor:
+    """``attn(**kwargs)``. When ``attn``'s processor is our fused ``processor_cls``, nothing hooks ``attn``
+    and the processor takes every keyword, the processor is called directly: diffusers' attention forwards
+    (``Attention``, ``FluxAttention``) only drop the keywords ``inspect.signature(processor.__call__)``
+    lacks (13-21 us a call on CPU) and call the processor with the rest, so here they would drop none."""
+    processor = attn.processor
+    if type(processor) is processor_cls and not is_hooked(attn) and kwargs.keys() <= _parameters(processor_cls):
+        return processor(attn, **kwargs)
+    return attn(**kwargs)
+
+
+@functools.cache
+def _parameters(processor_cls: type) -> frozenset[str]:
+    """The keywords ``processor_cls.__call__`` takes (computed once per class)."""
+    return frozenset(inspect.signature(processor_cls.__call__).parameters)
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:

@@ -72,10 +72,28 @@ def rotate_pairs(x: Tensor, rope: str) -> Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def swap_pairs(x: Tensor, rope: str) -> Tensor:
+    """``rotate_pairs`` without its signs, one copy: interleaved (x0, x1) -> (x1, x0); half (a, b) -> (b, a)."""
+    if rope == "interleaved":
+        return torch.stack((x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
+def signed_rows(table: Tensor, rope: str) -> Tensor:
+    """A fresh copy of ``table`` [..., Dh] negated where ``rotate_pairs`` negates (interleaved: even
+    positions; half: the first half), so ``rotate_pairs(x) * sin == swap_pairs(x) * signed_rows(sin)``
+    exactly (a sign flip rounds nothing)."""
+    signed = table.clone(memory_format=torch.contiguous_format)
+    negated = signed[..., ::2] if rope == "interleaved" else signed[..., : table.shape[-1] // 2]
+    negated.neg_()
+    return signed
+
+
 def _reference_slot(slot: Slot, norm: Optional[str], eps: float, cos, sin, rope: str, seq_offset: int,
                     across_heads: bool) -> None:  # fmt: skip
-    """The slot's math in fp32 (``F.rms_norm`` / ``F.layer_norm``: one fused op each; RoPE accumulated in
-    place on the rotated copy), rounded once into ``slot.dest``."""
+    """The slot's math in fp32 (``F.rms_norm`` / ``F.layer_norm``: one fused op each), rounded once into
+    ``slot.dest``. RoPE as ``swap_pairs(x) * signed_rows(sin) + x * cos``."""
     x = slot.source.float()
     normed = x.shape[-2:] if across_heads else x.shape[-1:]  # [H, Dh] or [Dh]
     weight, bias = (None if t is None else t.float().view(normed) for t in (slot.weight, slot.bias))
@@ -86,8 +104,9 @@ def _reference_slot(slot: Slot, norm: Optional[str], eps: float, cos, sin, rope:
         x = x if bias is None else x + bias
     if slot.rotate:
         rows = slice(seq_offset, seq_offset + x.shape[1])
-        c, s = cos[rows, None], sin[rows, None]  # [S, 1, Dh]: broadcast over the batch and the heads
-        x = rotate_pairs(x, rope).mul_(s).add_(x * c)  # x * cos + rotate(x) * sin
+        # [S, H, Dh] tables: broadcast over the batch only (over the heads too, a [S, 1, Dh] operand costs ~3x)
+        c, s = (t[rows, None].expand(-1, x.shape[-2], -1) for t in (cos, sin))
+        x = swap_pairs(x, rope).mul_(signed_rows(s, rope)).add_(x * c.contiguous())
     slot.dest.copy_(x)
 
 
