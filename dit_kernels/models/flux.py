@@ -56,6 +56,7 @@ from dit_kernels.models.family import Family, Shape
 from dit_kernels.models.shared import (
     JOINT_BLOCK_BATCH_ARGS,
     Stream,
+    WrappingProcessor,
     attend,
     call_attention,
     check_qk_norms,
@@ -64,7 +65,6 @@ from dit_kernels.models.shared import (
     clip_fp16,
     diffusers_dispatch_asked,
     feed_forward,
-    forwarded_attribute,
     gated_feed_forward,
     gelu_epilogue_on,
     is_hooked,
@@ -272,7 +272,7 @@ def _are_halves(base: Tensor, txt: Tensor, img: Tensor) -> bool:
 # ----------------------------------------------------------------------------------------- attention
 
 
-class FluxFusedAttnProcessor:
+class FluxFusedAttnProcessor(WrappingProcessor):
     """FluxAttnProcessor with q/k RMSNorm + RoPE + concatenation fused into ``qk_norm_rope`` launches.
 
     ``attn(hidden_states [B, S, D], encoder_hidden_states [B, T, D] | None, attention_mask,
@@ -293,17 +293,10 @@ class FluxFusedAttnProcessor:
     the joint buffers go to ``dispatch_attention_fn`` exactly as FluxAttnProcessor passes them, so those
     features keep working.
 
-    ``_attention_backend`` and ``_parallel_config`` read and write the replaced processor's attributes:
-    a setting made before ``patch`` is honoured, and one made while patched survives ``unpatch``.
-    Constructible with no arguments, as diffusers rebuilds single blocks' processors (``type(processor)()``)
-    when it loads an IP-adapter: a fresh FluxAttnProcessor as the original, each op's default backend."""
+    The original (a fresh FluxAttnProcessor when built with no arguments, as diffusers rebuilds single
+    blocks' processors when it loads an IP-adapter) and the forwarded attributes: ``WrappingProcessor``."""
 
-    def __init__(self, original: Optional[FluxAttnProcessor] = None, ops: OpBackends = OpBackends()):
-        self.original = FluxAttnProcessor() if original is None else original
-        self.ops = ops
-
-    _attention_backend = forwarded_attribute("_attention_backend")
-    _parallel_config = forwarded_attribute("_parallel_config")
+    new_original = staticmethod(FluxAttnProcessor)
 
     def __call__(
         self,

@@ -420,7 +420,26 @@ def forwarded_attribute(name: str) -> property:
                     lambda self, value: setattr(self.original, name, value))  # fmt: skip
 
 
-class FusedAttnProcessor:
+class WrappingProcessor:
+    """Base of the fused attention processors. Each replaces a diffusers processor, kept as ``original``:
+    what is not fused falls back to it, and ``_attention_backend`` / ``_parallel_config`` live on it
+    (``forwarded_attribute``). Built with no arguments, as diffusers rebuilds processors
+    (``type(processor)()``, e.g. when it loads an IP-adapter): a fresh ``new_original()``, each op's default
+    backend."""
+
+    _attention_backend = forwarded_attribute("_attention_backend")
+    _parallel_config = forwarded_attribute("_parallel_config")
+
+    def __init__(self, original: Optional[object] = None, ops: OpBackends = OpBackends()):
+        self.original = self.new_original() if original is None else original
+        self.ops = ops
+
+    @staticmethod
+    def new_original() -> object:
+        raise NotImplementedError
+
+
+class FusedAttnProcessor(WrappingProcessor):
     """diffusers' ``AttnProcessor2_0`` / ``HunyuanAttnProcessor2_0`` on a legacy ``Attention`` (DiT, PixArt,
     HunyuanDiT; self- or cross-attention), with the per-head q/k norm and RoPE in one ``qk_norm_rope`` launch.
 
@@ -438,18 +457,14 @@ class FusedAttnProcessor:
     Under context parallelism (``_parallel_config``, set by ``dit_kernels.enable_parallelism`` on this
     processor or on the one it wraps) self-attention runs over every rank's shard of the sequence
     (``attend``); a cross-attention to a context every rank holds whole runs locally.
-    Built with no arguments (diffusers' ``type(processor)()``): diffusers' ``HunyuanAttnProcessor2_0`` (which
-    covers ``AttnProcessor2_0``) as the original, each op's default backend."""
+    Built with no arguments: diffusers' ``HunyuanAttnProcessor2_0`` (which covers ``AttnProcessor2_0``) as
+    the original."""
 
-    _parallel_config = forwarded_attribute("_parallel_config")
+    @staticmethod
+    def new_original() -> object:
+        from diffusers.models.attention_processor import HunyuanAttnProcessor2_0
 
-    def __init__(self, original: Optional[object] = None, ops: OpBackends = OpBackends()):
-        if original is None:
-            from diffusers.models.attention_processor import HunyuanAttnProcessor2_0
-
-            original = HunyuanAttnProcessor2_0()
-        self.original = original
-        self.ops = ops
+        return HunyuanAttnProcessor2_0()
 
     def __call__(
         self,

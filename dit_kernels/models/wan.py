@@ -57,12 +57,12 @@ from torch import Tensor, nn
 from dit_kernels.models.family import Family, Shape
 from dit_kernels.models.shared import (
     TensorMemo,
+    WrappingProcessor,
     attend,
     check_type,
     check_unwrapped,
     diffusers_dispatch_asked,
     feed_forward,
-    forwarded_attribute,
     layernorm_kwargs,
     split_heads,
 )
@@ -191,21 +191,15 @@ def _block_forward(ops: OpBackends):
 # ----------------------------------------------------------------------------------------- attention
 
 
-class WanFusedAttnProcessor:
+class WanFusedAttnProcessor(WrappingProcessor):
     """WanAttnProcessor with the whole-projection q/k RMSNorm and the RoPE in one ``qk_norm_rope`` launch.
 
     ``attn(hidden_states [B, S, D], encoder_hidden_states [B, T, D] | None, attention_mask, rotary_emb
     (cos, sin) [1, S, 1, Dh] | None)``; the math, the I2V image context and which attention runs in the module
-    docstring. With the rope op switched off, diffusers' own norm modules and rotation. ``_attention_backend``
-    and ``_parallel_config`` live on the replaced processor (``forwarded_attribute``). Built with no
-    arguments (as diffusers rebuilds processors), it runs with each op's default backend."""
+    docstring. With the rope op switched off, diffusers' own norm modules and rotation. The original, the
+    forwarded attributes and the no-argument build: ``WrappingProcessor``."""
 
-    def __init__(self, original: Optional[WanAttnProcessor] = None, ops: OpBackends = OpBackends()):
-        self.original = WanAttnProcessor() if original is None else original
-        self.ops = ops
-
-    _attention_backend = forwarded_attribute("_attention_backend")
-    _parallel_config = forwarded_attribute("_parallel_config")
+    new_original = staticmethod(WanAttnProcessor)
 
     def __call__(
         self,
