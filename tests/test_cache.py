@@ -142,6 +142,23 @@ def test_skipped_step_returns_the_output_extrapolated_from_the_computed_ones(fam
         torch.testing.assert_close(outputs[step][0], y2 + (y2 - y1) * (step - 2), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipped_step_keeps_the_calls_output_format(family):
+    """``return_dict=True`` (diffusers' default): a skipped step returns the transformer's output dataclass
+    with the predicted sample, equal to what the same loop returns as a tuple."""
+    formats = {}
+    for return_dict in (True, False):
+        model = cached(build(family), threshold=1e9, warmup_steps=1, final_steps_computed=0)
+        x = inputs(family, model)
+        with torch.no_grad(), dit_kernels.cache_session(model):
+            for step in range(4):
+                zoo.set_timestep(family, x, 900.0 - 50 * step)
+                formats[return_dict] = model(**x, return_dict=return_dict)
+        assert decisions(model)[-1] == "skip"
+    assert type(formats[True]).__name__ == "Transformer2DModelOutput" and isinstance(formats[False], tuple)
+    assert torch.equal(formats[True].sample, formats[False][0])
+
+
 # ----------------------------------------------------------------------------------------- CFG
 
 
