@@ -78,13 +78,13 @@ class StepCache:
     def _clear(self) -> None:
         self.branches: dict[int, list[Group]] = {}
         self.key: Optional[tuple] = None
-        self.shell = None  # the last computed call's output: the format a blind step's output takes
+        self.shell = None  # the last computed call's output: the format a skipped call's output takes
         self.timestep: Optional[float] = None
         self.step, self.branch = -1, 0
         self.current: Optional[CallStats] = None
 
     def reset(self, num_steps: Optional[int] = None) -> None:
-        """Forget every reference and cached residual; the next transformer call is step 0 of a new call
+        """Forget every computed output and plan; the next transformer call is step 0 of a new call
         of ``num_steps`` steps (None: unknown, the final-steps rule is off)."""
         self.num_steps = num_steps
         self._clear()
@@ -134,9 +134,10 @@ class StepCache:
     # ------------------------------------------------------------------------------------- wrappers
 
     def attach(self, transformer: nn.Module, patcher: Patcher, scheduler=None, pipe=None) -> None:
-        """Wrap the blocks, the transformer and (given) the scheduler's set_timesteps / set_begin_index
-        through ``patcher``; ``pipe``: the pipeline, whose scheduler of the moment gives the step count on
-        an automatic reset (a scheduler swapped in after ``patch`` has no hook)."""
+        """Wrap the transformer, the blocks for per-half CFG (``wrapped_blocks``) and (given) the scheduler's
+        set_timesteps / set_begin_index through ``patcher``; ``pipe``: the pipeline, whose scheduler of the
+        moment gives the step count on an automatic reset (a scheduler swapped in after ``patch`` has no
+        hook)."""
         self._pipe = None if pipe is None else weakref.ref(pipe)
         for index, block in enumerate(self.wrapped_blocks):
             patcher.set_attr(block, "forward", self._block_forward(index, block), "step cache: half-batch runs")
