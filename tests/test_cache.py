@@ -159,6 +159,26 @@ def test_skipped_step_keeps_the_calls_output_format(family):
     assert torch.equal(formats[True].sample, formats[False][0])
 
 
+@pytest.mark.parametrize("family", [f for f in ("dit", "flux") if f in FAMILIES])
+def test_compiled_model_takes_the_same_decisions_and_outputs(family):
+    """``torch.compile`` (eager backend: dynamo's tracing, no codegen) around a cached model: the cache's
+    host-side decisions break the graph, nothing else changes; outputs within fp32 noise, same trace."""
+    runs = {}
+    for compiled in (False, True):
+        model = cached(build(family), kernels=True, threshold=1e9, warmup_steps=1, final_steps_computed=0)
+        call = torch.compile(model, backend="eager") if compiled else model
+        x = inputs(family, model)
+        with torch.no_grad(), dit_kernels.cache_session(model):
+            outputs = []
+            for step in range(5):
+                zoo.set_timestep(family, x, 900.0 - 100 * step)
+                outputs.append(call(**x, return_dict=False)[0])
+        runs[compiled] = outputs, decisions(model)
+    assert runs[True][1] == runs[False][1] == ["compute"] * 3 + ["skip"] * 2
+    for a, b in zip(runs[True][0], runs[False][0]):
+        torch.testing.assert_close(a, b, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
 # ----------------------------------------------------------------------------------------- CFG
 
 

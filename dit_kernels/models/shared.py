@@ -237,21 +237,15 @@ def is_hooked(module: nn.Module) -> bool:
 # ----------------------------------------------------------------------------------------- attention
 
 
-def call_attention(attn: nn.Module, processor_cls: type, **kwargs) -> Tensor:
+def call_attention(attn: nn.Module, processor_cls: type[WrappingProcessor], **kwargs) -> Tensor:
     """``attn(**kwargs)``. When ``attn``'s processor is our fused ``processor_cls``, nothing hooks ``attn``
     and the processor takes every keyword, the processor is called directly: diffusers' attention forwards
     (``Attention``, ``FluxAttention``) only drop the keywords ``inspect.signature(processor.__call__)``
     lacks (13-21 us a call on CPU) and call the processor with the rest, so here they would drop none."""
     processor = attn.processor
-    if type(processor) is processor_cls and not is_hooked(attn) and kwargs.keys() <= _parameters(processor_cls):
+    if type(processor) is processor_cls and not is_hooked(attn) and kwargs.keys() <= processor_cls.keywords:
         return processor(attn, **kwargs)
     return attn(**kwargs)
-
-
-@functools.cache
-def _parameters(processor_cls: type) -> frozenset[str]:
-    """The keywords ``processor_cls.__call__`` takes (computed once per class)."""
-    return frozenset(inspect.signature(processor_cls.__call__).parameters)
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -429,6 +423,11 @@ class WrappingProcessor:
 
     _attention_backend = forwarded_attribute("_attention_backend")
     _parallel_config = forwarded_attribute("_parallel_config")
+    keywords: frozenset[str] = frozenset()  # what ``__call__`` takes (``call_attention``), set per subclass
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.keywords = frozenset(inspect.signature(cls.__call__).parameters)
 
     def __init__(self, original: Optional[object] = None, ops: OpBackends = OpBackends()):
         self.original = self.new_original() if original is None else original
