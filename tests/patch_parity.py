@@ -78,6 +78,21 @@ def assert_patched_parity(
     return report
 
 
+def attention_processors(model: torch.nn.Module) -> dict[str, object]:
+    """Every attention module's processor, by module name: what ``unpatch`` must put back."""
+    return {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+
+
+def assert_unpatch_restores(model: torch.nn.Module, processors: dict[str, object], fused: type) -> None:
+    """The patched ``model`` runs a ``fused`` processor in every attention of ``processors``
+    (``attention_processors`` before ``patch``); ``unpatch`` puts each original back and leaves no instance
+    ``forward`` on any module."""
+    assert all(type(model.get_submodule(n).processor) is fused for n in processors)
+    dit_kernels.unpatch(model)
+    assert all(model.get_submodule(n).processor is p for n, p in processors.items())
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
 def snapshot(model: torch.nn.Module) -> tuple:
     """Everything patch may touch: parameters, buffers, module types, instance attributes."""
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -19,6 +19,7 @@ from dit_kernels.models import family_named
 from dit_kernels.models.shared import FusedAttnProcessor
 from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
+from patch_parity import assert_unpatch_restores, attention_processors
 
 VARIANTS = {
     "xl": {},  # DiT-XL/2's layout: norm3 without affine, eps 1e-5; learned-sigma output
@@ -61,18 +62,15 @@ def test_patched_parity(variant, batch, dtype, backend):
 
 def test_report_lists_every_replacement_and_unpatch_restores_processors():
     model = tiny_dit()
-    processors = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    processors = attention_processors(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     report = dit_kernels.patch(model, backend="torch")
     fused = "layernorm_modulate, gated_residual_layernorm_modulate, gated_residual"
     assert report.replaced == [item for i in range(2) for item in (f"transformer_blocks.{i}.forward: {fused}",
                                f"transformer_blocks.{i}.attn1.processor: FusedAttnProcessor")]  # fmt: skip
     assert list(processors) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
-    assert all(type(model.get_submodule(n).processor) is FusedAttnProcessor for n in processors)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "patch changed the state dict"
-    dit_kernels.unpatch(model)
-    assert all(model.get_submodule(n).processor is p for n, p in processors.items())
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert_unpatch_restores(model, processors, FusedAttnProcessor)
 
 
 def test_block_forward_and_processor_signatures_match_diffusers():

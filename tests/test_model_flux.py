@@ -15,6 +15,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 import dit_kernels
 from dit_kernels.models import flux, shared
 from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_patched_parity, assert_refused_unchanged, forward
+from patch_parity import assert_unpatch_restores, attention_processors
 
 TEXT_LEN = 7
 GRID = (3, 5)  # packed latent rows x cols: a non-square image (FLUX packs 2x2 latent patches into a token)
@@ -72,7 +73,7 @@ def test_patched_parity(variant, batch, dtype, backend):
 
 def test_report_lists_every_replacement_and_unpatch_restores_processors():
     model = tiny_flux()
-    processors = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    processors = attention_processors(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     report = dit_kernels.patch(model, backend="torch")
     attn = "layernorm_modulate x2, gated_residual_layernorm_modulate x2, gated_residual x2"
@@ -84,12 +85,9 @@ def test_report_lists_every_replacement_and_unpatch_restores_processors():
         expected += [f"single_transformer_blocks.{i}.forward: layernorm_modulate, gated_residual",
                      f"single_transformer_blocks.{i}.attn.processor: FluxFusedAttnProcessor"]  # fmt: skip
     assert report.replaced == expected
-    assert all(type(model.get_submodule(n).processor) is flux.FluxFusedAttnProcessor for n in processors)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "patch changed the state dict"
-    dit_kernels.unpatch(model)
-    assert all(model.get_submodule(n).processor is p for n, p in processors.items())
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert_unpatch_restores(model, processors, flux.FluxFusedAttnProcessor)
 
 
 def test_single_blocks_reuse_the_joint_tensor(monkeypatch):

@@ -19,6 +19,7 @@ from dit_kernels.models import shared
 from dit_kernels.ops import rope_tables
 from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
+from patch_parity import assert_unpatch_restores, attention_processors
 
 LATENT = (8, 12)  # latent height x width: a 4 x 6 token grid (patch 2), non-square 2-D RoPE
 VARIANTS = {
@@ -89,7 +90,7 @@ def test_controlnet_residuals_reach_the_long_skips():
 
 def test_report_lists_every_replacement_and_unpatch_restores_processors():
     model = tiny_hunyuan("v1.1-6")
-    processors = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    processors = attention_processors(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     report = dit_kernels.patch(model, backend="torch")
     fused = "layernorm_modulate, gated_residual_layernorm_modulate x2, gated_residual"
@@ -100,11 +101,8 @@ def test_report_lists_every_replacement_and_unpatch_restores_processors():
                      f"blocks.{i}.attn2.processor: FusedAttnProcessor"]  # fmt: skip
     assert report.replaced == expected
     assert len(processors) == 12
-    assert all(type(model.get_submodule(n).processor) is shared.FusedAttnProcessor for n in processors)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "patch changed the state dict"
-    dit_kernels.unpatch(model)
-    assert all(model.get_submodule(n).processor is p for n, p in processors.items())
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert_unpatch_restores(model, processors, shared.FusedAttnProcessor)
 
 
 def test_rope_on_q_and_k_in_self_attention_q_only_in_cross_attention(monkeypatch):

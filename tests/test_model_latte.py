@@ -18,6 +18,7 @@ from dit_kernels.models import latte
 from dit_kernels.models.shared import FusedAttnProcessor
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_fails_as_eager, assert_refused_unchanged, forward
+from patch_parity import assert_unpatch_restores, attention_processors
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TINY = latte.CONFIGS["tiny"]
@@ -78,7 +79,7 @@ def test_parity_with_one_frame_and_without_temporal_attention(frames, temporal):
 
 def test_report_lists_every_replacement_and_unpatch_restores_processors():
     model = tiny_latte()
-    processors = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    processors = attention_processors(model)
     report = dit_kernels.patch(model, backend="torch")
     spatial = "layernorm_modulate, gated_residual_layernorm_modulate, gated_residual x2"
     temporal = "layernorm_modulate, gated_residual_layernorm_modulate, gated_residual"
@@ -91,10 +92,7 @@ def test_report_lists_every_replacement_and_unpatch_restores_processors():
         expected += [f"temporal_transformer_blocks.{i}.forward: {temporal}",
                      f"temporal_transformer_blocks.{i}.attn1.processor: FusedAttnProcessor"]  # fmt: skip
     assert report.replaced == expected and len(processors) == 6
-    assert all(type(model.get_submodule(n).processor) is FusedAttnProcessor for n in processors)
-    dit_kernels.unpatch(model)
-    assert all(model.get_submodule(n).processor is p for n, p in processors.items())
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert_unpatch_restores(model, processors, FusedAttnProcessor)
 
 
 # ----------------------------------------------------------------------------------------- refusals

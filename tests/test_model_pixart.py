@@ -18,6 +18,7 @@ from dit_kernels.models import family_named
 from dit_kernels.models.shared import FusedAttnProcessor
 from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
+from patch_parity import assert_unpatch_restores, attention_processors
 
 TEXT_LEN = 7
 LATENT = (8, 12)  # latent rows x cols: a non-square image, 4 x 6 patches
@@ -104,7 +105,7 @@ def test_masks_reach_the_fused_attention(backend):
 
 def test_report_lists_every_replacement_and_unpatch_restores_processors():
     model = tiny_pixart()
-    processors = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    processors = attention_processors(model)
     report = dit_kernels.patch(model, backend="torch")
     fused = "layernorm_modulate, gated_residual_layernorm_modulate, gated_residual x2"
     expected = []
@@ -113,10 +114,7 @@ def test_report_lists_every_replacement_and_unpatch_restores_processors():
                      f"transformer_blocks.{i}.attn1.processor: FusedAttnProcessor",
                      f"transformer_blocks.{i}.attn2.processor: FusedAttnProcessor"]  # fmt: skip
     assert report.replaced == expected and len(processors) == 4
-    assert all(type(model.get_submodule(n).processor) is FusedAttnProcessor for n in processors)
-    dit_kernels.unpatch(model)
-    assert all(model.get_submodule(n).processor is p for n, p in processors.items())
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert_unpatch_restores(model, processors, FusedAttnProcessor)
 
 
 # ----------------------------------------------------------------------------------------- refusals

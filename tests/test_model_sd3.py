@@ -19,6 +19,7 @@ from dit_kernels.models import sd3, shared
 from dit_kernels.patching import OpBackends
 from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
+from patch_parity import assert_unpatch_restores, attention_processors
 from tolerances import assert_within_eager_bound
 
 TEXT_LEN = 7
@@ -66,7 +67,7 @@ def test_patched_parity(variant, batch, dtype, backend):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_report_lists_every_replacement_and_unpatch_restores_processors(variant):
     model = tiny_sd3(variant)
-    processors = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    processors = attention_processors(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     report = dit_kernels.patch(model, backend="torch")
     normal = "layernorm_modulate x2, gated_residual_layernorm_modulate x2, gated_residual x2"
@@ -79,12 +80,9 @@ def test_report_lists_every_replacement_and_unpatch_restores_processors(variant)
         expected.append(f"transformer_blocks.{i}.forward: {fused}")
         expected += [f"transformer_blocks.{i}.{attn}.processor: SD3FusedAttnProcessor" for attn in attentions]
     assert report.replaced == expected
-    assert all(type(model.get_submodule(n).processor) is sd3.SD3FusedAttnProcessor for n in processors)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "patch changed the state dict"
-    dit_kernels.unpatch(model)
-    assert all(model.get_submodule(n).processor is p for n, p in processors.items())
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert_unpatch_restores(model, processors, sd3.SD3FusedAttnProcessor)
 
 
 class _SiluCounter(TorchDispatchMode):

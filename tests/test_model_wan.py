@@ -19,6 +19,7 @@ import dit_kernels
 from dit_kernels.models import wan
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_fails_as_eager, assert_refused_unchanged, forward
+from patch_parity import assert_unpatch_restores, attention_processors
 from tolerances import assert_within_eager_bound
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -131,7 +132,7 @@ def test_cuda_kernels_run_the_attention_and_leave_the_blocks_to_diffusers():
 
 def test_report_lists_every_replacement_and_unpatch_restores_processors():
     model = tiny_wan()
-    processors = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    processors = attention_processors(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     report = dit_kernels.patch(model, backend="torch")
     fused = "layernorm_modulate, gated_residual_layernorm_modulate x2, gated_residual"
@@ -141,9 +142,7 @@ def test_report_lists_every_replacement_and_unpatch_restores_processors():
                      f"blocks.{i}.attn2.processor: WanFusedAttnProcessor"]  # fmt: skip
     assert report.replaced == expected and len(processors) == 4
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "patch changed the state dict"
-    dit_kernels.unpatch(model)
-    assert all(model.get_submodule(n).processor is p for n, p in processors.items())
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert_unpatch_restores(model, processors, wan.WanFusedAttnProcessor)
 
 
 def test_processor_names_every_kwarg_of_diffusers_processor():
