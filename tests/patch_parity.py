@@ -93,6 +93,29 @@ def assert_unpatch_restores(model: torch.nn.Module, processors: dict[str, object
     assert not any("forward" in vars(m) for m in model.modules())
 
 
+def inject_lora(model: torch.nn.Module, targets: list[str]) -> torch.nn.Module:
+    """peft LoRA (rank 2, random B: it changes the output) on the Linears named by ``targets``, in place (for
+    models without diffusers' ``add_adapter``); returns the model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    return inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False),
+                                   model)  # fmt: skip
+
+
+def assert_modified_patched_matches(build: Callable[[], torch.nn.Module], modify: Callable[[torch.nn.Module], object],
+                                    inputs: dict) -> None:  # fmt: skip
+    """``modify`` (a LoRA adapter, fused projections, ...) changes the output of a fresh ``build()`` in place;
+    patched, the modified model gives its eager fp32 output within fp32 noise (the patched path calls the
+    model's own modules)."""
+    plain = forward(build(), inputs)
+    model = build()
+    modify(model)
+    truth = forward(model, inputs)
+    assert not torch.allclose(truth, plain), "the modification should change the output"
+    dit_kernels.patch(model, backend="torch")
+    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
 def snapshot(model: torch.nn.Module) -> tuple:
     """Everything patch may touch: parameters, buffers, module types, instance attributes."""
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -20,6 +20,7 @@ from dit_kernels.models.shared import FusedAttnProcessor
 from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
 from patch_parity import assert_unpatch_restores, attention_processors
+from patch_parity import assert_modified_patched_matches, inject_lora
 
 VARIANTS = {
     "xl": {},  # DiT-XL/2's layout: norm3 without affine, eps 1e-5; learned-sigma output
@@ -171,18 +172,9 @@ def test_unrecognised_model_refused_and_unchanged(mutate, message):
 def test_lora_before_patch_matches_eager():
     """peft LoRA (random B) on every Linear the patched path calls, the per-block timestep/class embedding's
     and the modulation's included: patched fp32 equals eager fp32 of the adapted model."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    inputs = dit_inputs(torch.float32)
-    plain = forward(tiny_dit(), inputs)
-    model = tiny_dit()
     targets = ["to_q", "to_k", "to_v", "to_out.0", "norm1.linear", "linear_1", "linear_2", "ff.net.0.proj", "ff.net.2"]
-    model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False),
-                                    model)  # DiTTransformer2DModel has no add_adapter (no PeftAdapterMixin)
-    truth = forward(model, inputs)
-    assert not torch.allclose(truth, plain), "the adapter should change the output"
-    dit_kernels.patch(model, backend="torch")
-    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    # DiTTransformer2DModel has no add_adapter (no PeftAdapterMixin)
+    assert_modified_patched_matches(tiny_dit, lambda model: inject_lora(model, targets), dit_inputs(torch.float32))
 
 
 def test_patched_model_under_torch_compile_matches_eager():

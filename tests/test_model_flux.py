@@ -16,6 +16,7 @@ import dit_kernels
 from dit_kernels.models import flux, shared
 from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_patched_parity, assert_refused_unchanged, forward
 from patch_parity import assert_unpatch_restores, attention_processors
+from patch_parity import assert_modified_patched_matches
 
 TEXT_LEN = 7
 GRID = (3, 5)  # packed latent rows x cols: a non-square image (FLUX packs 2x2 latent patches into a token)
@@ -325,14 +326,7 @@ def _fused_qkv(model):
 def test_lora_and_fused_projections(prepare):
     """peft LoRA on every Linear (random B) and diffusers' fused QKV projections run through the patched
     path (it calls the model's own modules): patched fp32 equals eager fp32 of the modified model."""
-    inputs = flux_inputs(torch.float32)
-    plain = forward(tiny_flux(), inputs)
-    model = tiny_flux()
-    prepare(model)
-    truth = forward(model, inputs)
-    assert not torch.allclose(truth, plain), "the modification should change the output"
-    dit_kernels.patch(model, backend="torch")
-    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert_modified_patched_matches(tiny_flux, prepare, flux_inputs(torch.float32))
 
 
 @pytest.mark.gpu

@@ -20,6 +20,7 @@ from dit_kernels.ops import rope_tables
 from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
 from patch_parity import assert_unpatch_restores, attention_processors
+from patch_parity import assert_modified_patched_matches, inject_lora
 
 LATENT = (8, 12)  # latent height x width: a 4 x 6 token grid (patch 2), non-square 2-D RoPE
 VARIANTS = {
@@ -205,17 +206,9 @@ def test_lora_before_patch():
     """peft LoRA (random B) on every Linear the patched path calls: attention projections, FFN, the
     AdaLayerNormShift Linear and the long-skip Linear; patched fp32 equals eager fp32 of the LoRA model.
     HunyuanDiT2DModel has no diffusers ``add_adapter`` (no PeftAdapterMixin): peft injects the layers."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    inputs = hunyuan_inputs(tiny_hunyuan(), torch.float32)
-    plain = forward(tiny_hunyuan(), inputs)
-    model = tiny_hunyuan()
     targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear", "skip_linear"]
-    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False), model)
-    truth = forward(model, inputs)
-    assert not torch.allclose(truth, plain), "LoRA should change the output"
-    dit_kernels.patch(model, backend="torch")
-    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    inputs = hunyuan_inputs(tiny_hunyuan(), torch.float32)
+    assert_modified_patched_matches(tiny_hunyuan, lambda model: inject_lora(model, targets), inputs)
 
 
 @pytest.mark.slow  # torch.compile: the representative one is DiT's (tests/test_model_dit.py)

@@ -19,6 +19,7 @@ from dit_kernels.models.shared import FusedAttnProcessor
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_fails_as_eager, assert_refused_unchanged, forward
 from patch_parity import assert_unpatch_restores, attention_processors
+from patch_parity import assert_modified_patched_matches, inject_lora
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TINY = latte.CONFIGS["tiny"]
@@ -141,17 +142,8 @@ def test_a_frame_count_other_than_the_model_s_fails_as_in_diffusers():
 
 def test_lora_before_patch_matches_eager():
     """peft LoRA (random B) on the attention projections of both block kinds and the feed-forwards."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    inputs = latte_inputs(torch.float32)
-    plain = forward(tiny_latte(), inputs)
     targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-    model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False),
-                                    tiny_latte())  # fmt: skip
-    truth = forward(model, inputs)
-    assert not torch.allclose(truth, plain), "the adapter should change the output"
-    dit_kernels.patch(model, backend="torch")
-    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert_modified_patched_matches(tiny_latte, lambda model: inject_lora(model, targets), latte_inputs(torch.float32))
 
 
 @pytest.mark.slow  # torch.compile: the representative one is DiT's (tests/test_model_dit.py)

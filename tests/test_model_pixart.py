@@ -19,6 +19,7 @@ from dit_kernels.models.shared import FusedAttnProcessor
 from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
 from patch_parity import assert_unpatch_restores, attention_processors
+from patch_parity import assert_modified_patched_matches, inject_lora
 
 TEXT_LEN = 7
 LATENT = (8, 12)  # latent rows x cols: a non-square image, 4 x 6 patches
@@ -167,18 +168,9 @@ def test_unrecognised_model_refused_and_unchanged(build, mutate, message):
 def test_lora_before_patch_matches_eager():
     """peft LoRA (random B) on the attention projections (self and cross), the feed-forward and the caption
     projection: patched fp32 equals eager fp32 of the adapted model."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    inputs = pixart_inputs(torch.float32)
-    plain = forward(tiny_pixart(), inputs)
-    model = tiny_pixart()
     targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "linear_1", "linear_2"]
-    config = LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False)
-    model = inject_adapter_in_model(config, model)
-    truth = forward(model, inputs)
-    assert not torch.allclose(truth, plain), "the adapter should change the output"
-    dit_kernels.patch(model, backend="torch")
-    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    inputs = pixart_inputs(torch.float32)
+    assert_modified_patched_matches(tiny_pixart, lambda model: inject_lora(model, targets), inputs)
 
 
 @pytest.mark.slow  # torch.compile: the representative one is DiT's (tests/test_model_dit.py)

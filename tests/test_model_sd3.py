@@ -20,6 +20,7 @@ from dit_kernels.patching import OpBackends
 from patch_parity import FP32_ATOL, FP32_RTOL, PRECISION_CASES, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_refused_unchanged, forward
 from patch_parity import assert_unpatch_restores, attention_processors
+from patch_parity import assert_modified_patched_matches
 from tolerances import assert_within_eager_bound
 
 TEXT_LEN = 7
@@ -271,16 +272,11 @@ def _lora(model, targets):
 def test_lora_before_patch_matches_eager(variant):
     """peft LoRA (random B) on every Linear the patched path calls: patched fp32 equals eager fp32 of the
     adapted model."""
-    inputs = sd3_inputs(torch.float32)
-    plain = forward(tiny_sd3(variant), inputs)
-    model = tiny_sd3(variant)
-    _lora(model, ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
-                  "norm1.linear", "norm1_context.linear", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                  "ff_context.net.2"])  # fmt: skip
-    truth = forward(model, inputs)
-    assert not torch.allclose(truth, plain), "the adapter should change the output"
-    dit_kernels.patch(model, backend="torch")
-    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    targets = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+               "norm1.linear", "norm1_context.linear", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+               "ff_context.net.2"]  # fmt: skip
+    assert_modified_patched_matches(lambda: tiny_sd3(variant), lambda model: _lora(model, targets),
+                                    sd3_inputs(torch.float32))  # fmt: skip
 
 
 @pytest.mark.slow  # torch.compile: the representative one is DiT's (tests/test_model_dit.py)

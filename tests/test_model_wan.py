@@ -20,6 +20,7 @@ from dit_kernels.models import wan
 from patch_parity import FP32_ATOL, FP32_RTOL, assert_compiled_matches, assert_patched_parity
 from patch_parity import assert_fails_as_eager, assert_refused_unchanged, forward
 from patch_parity import assert_unpatch_restores, attention_processors
+from patch_parity import assert_modified_patched_matches
 from tolerances import assert_within_eager_bound
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -291,14 +292,7 @@ def _fused_projections(model):
 def test_lora_and_fused_projections(prepare):
     """peft LoRA (random B) on every Linear kind and diffusers' fused projections run through the patched
     path (the model's own modules): patched fp32 equals eager fp32 of the modified model (I2V: all kinds)."""
-    inputs = wan_inputs(torch.float32, 2, "i2v")
-    plain = forward(tiny_wan("i2v"), inputs)
-    model = tiny_wan("i2v")
-    prepare(model)
-    truth = forward(model, inputs)
-    assert not torch.allclose(truth, plain), "the modification should change the output"
-    dit_kernels.patch(model, backend="torch")
-    torch.testing.assert_close(forward(model, inputs), truth, rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert_modified_patched_matches(lambda: tiny_wan("i2v"), prepare, wan_inputs(torch.float32, 2, "i2v"))
 
 
 @pytest.mark.slow  # torch.compile: the representative one is DiT's (tests/test_model_dit.py)
