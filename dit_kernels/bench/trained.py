@@ -26,6 +26,7 @@ otherwise), cache-dit's DBCache F1B0 + TaylorSeer over residual-diff thresholds 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import re
@@ -113,7 +114,7 @@ class _Counted:
 
 def uncached_row(label: str, bundle: builtin.BuiltinModel, setting: Setting) -> Row:
     total = len(blocks_of(bundle.transformer)) * setting.steps
-    return Row(label, bundle, _no_session, lambda: total)
+    return Row(label, bundle, contextlib.nullcontext, lambda: total)
 
 
 def step_cache_row(label: str, bundle: builtin.BuiltinModel, setting: Setting, config: CacheConfig) -> Row:
@@ -140,16 +141,17 @@ def diffusers_row(label: str, bundle: builtin.BuiltinModel, apply: Callable[[nn.
     apply(model)
     counter = _Counted(model)
 
-    class Session:
-        def __enter__(self):
-            HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
-            counter.reset()
-            _set_cache_context(model, CacheContext("cond"))
-
-        def __exit__(self, *exc):
+    @contextlib.contextmanager
+    def session():
+        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
+        counter.reset()
+        _set_cache_context(model, CacheContext("cond"))
+        try:
+            yield
+        finally:
             _set_cache_context(model, None)
 
-    return Row(label, _with(bundle, model), Session, lambda: counter.count)
+    return Row(label, _with(bundle, model), session, lambda: counter.count)
 
 
 def first_block_cache(threshold: float) -> Callable[[nn.Module], None]:
@@ -211,16 +213,14 @@ def cache_dit_row(label: str, bundle: builtin.BuiltinModel, setting: Setting, th
     cache_dit.enable_cache(model, cache_config=copy.deepcopy(config), calibrator_config=copy.deepcopy(calibrator))
     counter = _Counted(model)
 
-    class Session:
-        def __enter__(self):
-            cache_dit.refresh_context(model, cache_config=copy.deepcopy(config),
-                                      calibrator_config=copy.deepcopy(calibrator))  # fmt: skip
-            counter.reset()
+    @contextlib.contextmanager
+    def session():
+        cache_dit.refresh_context(model, cache_config=copy.deepcopy(config),
+                                  calibrator_config=copy.deepcopy(calibrator))  # fmt: skip
+        counter.reset()
+        yield
 
-        def __exit__(self, *exc):
-            return None
-
-    return Row(label, _with(bundle, model), Session, lambda: counter.count)
+    return Row(label, _with(bundle, model), session, lambda: counter.count)
 
 
 def default_rows(bundle: builtin.BuiltinModel, setting: Setting) -> list[Row]:
@@ -233,18 +233,6 @@ def default_rows(bundle: builtin.BuiltinModel, setting: Setting) -> list[Row]:
         diffusers_row(f"diffusers FirstBlockCache {FBC_DEFAULT:g}", bundle, first_block_cache(FBC_DEFAULT)),
         diffusers_row("diffusers TaylorSeer (default)", bundle, taylorseer()),
     ]
-
-
-def _no_session():
-    return _Nothing()
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 # ------------------------------------------------------------------------------------------- quality
